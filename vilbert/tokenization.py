@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 VOCAB_NAME = "vocab.txt"
+BERT_BASE_UNCASED = "bert-base-uncased"
 
 
 def default_vocab_path() -> str:
@@ -34,7 +35,13 @@ def default_bert_dir() -> str:
 
 
 def resolve_vocab_file(path: str) -> str:
-    """Accept a vocab file or a directory holding ``vocab.txt`` (the ``--bert_model`` convention)."""
+    """Accept a vocab file or a directory holding ``vocab.txt`` (the ``--bert_model`` convention).
+
+    The published default name ``bert-base-uncased`` means the bundled copy of that vocabulary
+    (nothing is downloaded).
+    """
+    if path == BERT_BASE_UNCASED and not os.path.exists(path):
+        return default_vocab_path()
     candidate = os.path.join(path, VOCAB_NAME) if os.path.isdir(path) else path
     if not os.path.isfile(candidate):
         raise FileNotFoundError(

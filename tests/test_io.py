@@ -1,0 +1,94 @@
+"""Atomic writes: a failure mid-write keeps the previous file and leaves no temporary file."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from vilbert import atomic
+from vilbert.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
+
+
+class ExplodesWhenPickled:
+    def __reduce__(self):
+        raise RuntimeError("boom while pickling")
+
+
+def _only(folder):
+    return sorted(os.listdir(folder))
+
+
+def test_torch_save_round_trip(tmp_path):
+    path = tmp_path / "model.bin"
+    atomic_torch_save({"w": torch.arange(4.0)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(4.0))
+    assert _only(tmp_path) == ["model.bin"]
+
+
+def test_failing_pickle_keeps_previous_checkpoint(tmp_path):
+    path = tmp_path / "model.bin"
+    atomic_torch_save({"w": torch.ones(3)}, path)
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="boom while pickling"):
+        atomic_torch_save({"w": torch.zeros(1000), "bad": ExplodesWhenPickled()}, path)
+    assert path.read_bytes() == before
+    assert _only(tmp_path) == ["model.bin"]
+
+
+def test_partial_write_then_crash_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "model.bin"
+    atomic_torch_save({"w": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def half_save(obj, handle):
+        handle.write(b"PK\x03\x04 half a zip file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(atomic.torch, "save", half_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_torch_save({"w": torch.zeros(3)}, path)
+    assert path.read_bytes() == before
+    assert _only(tmp_path) == ["model.bin"]
+
+
+def test_keyboard_interrupt_mid_write_also_cleans_up(tmp_path, monkeypatch):
+    path = tmp_path / "model.bin"
+
+    def interrupted(obj, handle):
+        handle.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({}, path)
+    assert _only(tmp_path) == []
+
+
+def test_text_and_json(tmp_path):
+    atomic_write_text(tmp_path / "command.txt", "python train_tasks.py --tasks 1-2\n")
+    assert (tmp_path / "command.txt").read_text() == "python train_tasks.py --tasks 1-2\n"
+    atomic_write_json(tmp_path / "metrics.json", {"r1": 61.9})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"r1": 61.9}
+
+
+def test_unserialisable_json_leaves_previous_file(tmp_path):
+    path = tmp_path / "metrics.json"
+    atomic_write_json(path, {"r1": 1.0})
+    with pytest.raises(TypeError):
+        atomic_write_json(path, {"r1": object()})
+    assert json.loads(path.read_text()) == {"r1": 1.0}
+    assert _only(tmp_path) == ["metrics.json"]
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        atomic_write_text(tmp_path / "absent" / "x.txt", "x")
+
+
+def test_file_mode_follows_umask(tmp_path):
+    path = tmp_path / "model.bin"
+    atomic_torch_save({}, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)

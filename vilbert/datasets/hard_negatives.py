@@ -1,0 +1,99 @@
+"""Hard-negative pools for Flickr30K retrieval training (``hard_negative.pkl``, data.md §3).
+
+For each training image, the indices (into ``train_image_list``) of the images most similar to it,
+position 0 being the image itself. Similarity here is the cosine of the global region features
+(the mean of each image's region features), computed in chunks so 30k images fit in memory.
+Reading the file back is the retrieval dataset's job (``vilbert.datasets.retrieval``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from vilbert.datasets.features import RegionFeatureStore
+from vilbert.datasets.jsonl import read_jsonl
+
+logger = logging.getLogger(__name__)
+
+
+def flickr_image_id(annotation: Mapping[str, Any]) -> int:
+    """Flickr30K's image id: the integer stem of ``img_path`` (``"1000092795.jpg"`` → 1000092795)."""
+    return int(os.path.splitext(os.path.basename(annotation["img_path"]))[0])
+
+
+def global_features(store: RegionFeatureStore, image_ids: Sequence[int | str]) -> np.ndarray:
+    """[N, D] float32: each image's global region (row 0 of its features)."""
+    rows = [store[image_id].features[0] for image_id in image_ids]
+    return np.stack(rows).astype(np.float32, copy=False)
+
+
+def nearest_by_cosine(features: np.ndarray, pool_size: int, chunk: int = 1024) -> np.ndarray:
+    """[N, K] indices of the K = min(pool_size, N) most cosine-similar rows, self first, best first."""
+    n = features.shape[0]
+    if n == 0:
+        raise ValueError("cannot build a hard-negative pool from zero images")
+    k = min(pool_size, n)
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    unit = features / np.maximum(norms, np.finfo(np.float32).tiny)
+    pool = np.empty((n, k), dtype=np.int64)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        sims = unit[start:stop] @ unit.T
+        sims[np.arange(stop - start), np.arange(start, stop)] = np.inf  # self always first
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
+        pool[start:stop] = np.take_along_axis(top, order, axis=1)
+    return pool
+
+
+def build_hard_negative_pool(
+    store: RegionFeatureStore, image_ids: Sequence[int | str], pool_size: int = 100, chunk: int = 1024
+) -> np.ndarray:
+    """``train_hard_pool`` for ``image_ids``: row i = [i, its nearest images by global-feature cosine]."""
+    return nearest_by_cosine(global_features(store, image_ids), pool_size, chunk)
+
+
+def write_hard_negatives(path: str, image_ids: Sequence[int | str], pool: np.ndarray) -> None:
+    """Write the published pickle layout: ``{"train_image_list": [...], "train_hard_pool": array}``."""
+    if len(image_ids) != pool.shape[0]:
+        raise ValueError(f"{path}: {len(image_ids)} image ids but {pool.shape[0]} pool rows")
+    payload = {"train_image_list": list(image_ids), "train_hard_pool": np.asarray(pool, dtype=np.int64)}
+    data = pickle.dumps(payload, protocol=4)
+    # Temp file + rename (as vilbert.atomic does, without importing torch into a data tool).
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path) or "."
+    )
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(data)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        os.remove(temporary)
+        raise
+
+
+def hard_negatives_from_annotations(
+    features_path: str, annotations_path: str, output_path: str, pool_size: int = 100, chunk: int = 1024
+) -> tuple[list[int], np.ndarray]:
+    """Build and write ``hard_negative.pkl`` for the images of a Flickr30K ``.jsonline`` file."""
+    image_ids: list[int] = []
+    for number, annotation in enumerate(read_jsonl(annotations_path), start=1):
+        try:
+            image_ids.append(flickr_image_id(annotation))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"{annotations_path}: annotation {number} has no img_path like '123.jpg'"
+            ) from None
+    image_ids = list(dict.fromkeys(image_ids))
+    pool = build_hard_negative_pool(RegionFeatureStore(features_path), image_ids, pool_size, chunk)
+    write_hard_negatives(output_path, image_ids, pool)
+    logger.info("wrote a %d x %d hard-negative pool to %s", pool.shape[0], pool.shape[1], output_path)
+    return image_ids, pool

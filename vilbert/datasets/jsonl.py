@@ -1,0 +1,38 @@
+"""JSON-lines annotation files (Flickr30K ``.jsonline``, VCR ``.jsonl``), read with line-exact errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+
+class JSONLinesError(ValueError):
+    """A line of a JSON-lines file that is not a JSON object."""
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """All objects of ``path``, one per non-empty line; a bad line is an error naming file and line."""
+    records: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise JSONLinesError(f"{path}:{lineno}: malformed JSON line: {err}") from None
+            if not isinstance(record, dict):
+                raise JSONLinesError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def write_jsonl(path: str, records: Iterable[Mapping[str, Any]]) -> int:
+    """Write one JSON object per line; returns the number of lines written."""
+    count = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+            count += 1
+    return count

@@ -1,0 +1,136 @@
+"""Pretraining corruptions (data.md §2): masked segment modelling on tokens, group masking on regions.
+
+Everything is vectorised numpy driven by an explicit ``numpy.random.Generator``, so a caller that
+derives one generator per sample gets reproducible, worker-independent masks.
+
+Published behaviour kept on purpose:
+
+- a randomly replaced token is drawn uniformly from the *whole* vocabulary, special and
+  ``[unused*]`` entries included (the published code did ``random.choice(list(vocab.items()))``);
+- span masking draws the start from ``0..len`` inclusive, so one draw in ``len + 1`` masks nothing,
+  and captions shorter than 4 tokens are never masked (the published guard ``int(0.3 * len) > 0``);
+- group masking seeds only from real regions, and a seed always masks itself (its IoU with itself
+  is 1 under the +1-pixel convention).
+
+Published oddities *not* reproduced: the published region labels were derived by testing which
+feature rows are all zero after masking, so a real region whose stored feature happened to be all
+zeros was a target without being masked; here a label is 1 exactly when the region was masked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+IGNORE_INDEX = -1
+MASK_PROB = 0.8
+RANDOM_PROB = 0.1
+MIN_SPAN_TOKENS = 4
+
+
+def _corrupt(
+    token_ids: np.ndarray,
+    target: np.ndarray,
+    u: np.ndarray,
+    rng: np.random.Generator,
+    vocab_size: int,
+    mask_id: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """BERT's 80/10/10 at the ``target`` positions, given one uniform draw ``u`` per token."""
+    input_ids = np.array(token_ids, dtype=np.int64)
+    labels = np.where(target, input_ids, IGNORE_INDEX)
+    input_ids[target & (u < MASK_PROB)] = mask_id
+    to_random = target & (u >= MASK_PROB) & (u < MASK_PROB + RANDOM_PROB)
+    count = np.count_nonzero(to_random)
+    if count:  # skipping an empty draw saves ~10 us per caption
+        input_ids[to_random] = rng.integers(vocab_size, size=count)
+    return input_ids, labels
+
+
+def span_mask_tokens(
+    token_ids: np.ndarray, rng: np.random.Generator, vocab_size: int, mask_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mask one contiguous span of a caption's tokens (no [CLS]/[SEP]); labels -1 outside it.
+
+    Start ~ U{0..n}, length ~ U{1..n}, clipped at the end of the caption, as published.
+    """
+    n = len(token_ids)
+    if n < MIN_SPAN_TOKENS:
+        return np.array(token_ids, dtype=np.int64), np.full(n, IGNORE_INDEX, dtype=np.int64)
+    start = int(rng.integers(0, n + 1))
+    length = int(rng.integers(1, n + 1))
+    target = np.zeros(n, dtype=bool)
+    target[start : start + length] = True
+    return _corrupt(token_ids, target, rng.random(n), rng, vocab_size, mask_id)
+
+
+def bert_mask_tokens(
+    token_ids: np.ndarray, rng: np.random.Generator, vocab_size: int, mask_id: int, mask_prob: float = 0.15
+) -> tuple[np.ndarray, np.ndarray]:
+    """BERT's independent masking: each token is a target with ``mask_prob``, then 80/10/10."""
+    u = rng.random(len(token_ids))
+    # Rescaling the same draw (as published) keeps the 80/10/10 split independent of the selection.
+    return _corrupt(token_ids, u < mask_prob, u / mask_prob, rng, vocab_size, mask_id)
+
+
+def box_iou(boxes_norm: np.ndarray, image_w: float, image_h: float) -> np.ndarray:
+    """Pairwise IoU [n, n] of normalised boxes (x1, y1, x2, y2, ...) with the +1-pixel convention.
+
+    Widths and heights get ``+1/w`` and ``+1/h`` (one pixel, in normalised units), so a box always
+    has positive area and overlaps itself with IoU 1.
+    """
+    boxes = np.asarray(boxes_norm, dtype=np.float64)[:, :4]
+    pixel_w, pixel_h = 1.0 / float(image_w), 1.0 / float(image_h)
+    x1, y1, x2, y2 = boxes.T
+    area = (x2 - x1 + pixel_w) * (y2 - y1 + pixel_h)
+    inter_w = np.minimum(x2[:, None], x2[None, :]) - np.maximum(x1[:, None], x1[None, :]) + pixel_w
+    inter_h = np.minimum(y2[:, None], y2[None, :]) - np.maximum(y1[:, None], y1[None, :]) + pixel_h
+    inter = np.maximum(inter_w, 0.0) * np.maximum(inter_h, 0.0)
+    return inter / (area[:, None] + area[None, :] - inter)
+
+
+def _region_outputs(
+    features: np.ndarray, zeroed: np.ndarray, targets: np.ndarray, inplace: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    masked = features if inplace else np.array(features, copy=True)
+    masked[: zeroed.size][zeroed] = 0
+    labels = np.full(len(features), IGNORE_INDEX, dtype=np.int64)
+    labels[: targets.size][targets] = 1
+    return masked, labels
+
+
+def group_mask_regions(
+    features: np.ndarray,
+    boxes_norm: np.ndarray,
+    num_real: int,
+    rng: np.random.Generator,
+    image_w: float,
+    image_h: float,
+    p: float = 0.1,
+    iou_threshold: float = 0.4,
+    inplace: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Group masking: each real region seeds w.p. ``p``; all regions with IoU >= threshold to a seed
+    are zeroed and labelled 1. Rows from ``num_real`` on (padding) stay untouched with label -1.
+
+    Masking whole overlapping neighbourhoods stops the model from copying a masked region's content
+    from a near-duplicate box.
+    """
+    seeds = rng.random(num_real) < p
+    iou = box_iou(boxes_norm[:num_real], image_w, image_h)
+    grouped = (iou[seeds] >= iou_threshold).any(axis=0)
+    return _region_outputs(features, grouped, grouped, inplace)
+
+
+def independent_mask_regions(
+    features: np.ndarray,
+    num_real: int,
+    rng: np.random.Generator,
+    p: float = 0.15,
+    zero_prob: float = 0.9,
+    inplace: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each real region is a target w.p. ``p``; ``zero_prob`` of the targets are zeroed, the rest kept."""
+    u = rng.random(num_real)
+    targets = u < p
+    zeroed = targets & (u / p < zero_prob)
+    return _region_outputs(features, zeroed, targets, inplace)

@@ -1,0 +1,159 @@
+"""Safe decoding of feature-file values: a downloaded LMDB must never be able to run code.
+
+Pickle: plain containers and scalars (dict, list, tuple, str, bytes, int, float, bool, None) are built by
+pickle opcodes without any global lookup, so refusing every ``find_class`` admits exactly those.
+Two globals are allowed on top:
+
+- ``_codecs.encode`` with the latin-1 codec, which protocol-2 pickles use to spell ``bytes``;
+- with ``allow_numpy=True`` only, the numpy reconstruction functions needed for plain (non-object)
+  ndarrays and scalars, as written by tensorpack >= 0.10's pickle serializer.
+
+Msgpack. tensorpack 0.9 wrote msgpack + msgpack-numpy; msgpack-numpy's own decode hook calls
+``pickle.loads`` on object arrays, so the hook here reads the same ``{b"nd": ...}`` layout itself and
+refuses object dtypes.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import msgpack_numpy
+import numpy as np
+
+try:  # numpy >= 2 moved the implementation modules under numpy._core
+    from numpy._core import multiarray as _multiarray
+    from numpy._core import numeric as _numeric
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core import multiarray as _multiarray
+    from numpy.core import numeric as _numeric
+
+
+class UnsafePickleError(ValueError):
+    """A pickle asked for a global outside the allow-list (or was not a pickle at all)."""
+
+
+def _refuse_object_dtype(dtype: np.dtype) -> np.dtype:
+    # Object arrays would let a pickle smuggle arbitrary objects (or raw pointers) back in.
+    if dtype.hasobject:
+        raise UnsafePickleError(f"numpy object dtype {dtype} is not allowed")
+    return dtype
+
+
+def _safe_dtype(*args: Any) -> np.dtype:
+    return _refuse_object_dtype(np.dtype(*args))
+
+
+def _safe_reconstruct(subtype: type, shape: Any, dtype: Any) -> np.ndarray:
+    if subtype is not np.ndarray:
+        raise UnsafePickleError(f"ndarray subclass {subtype!r} is not allowed")
+    return _multiarray._reconstruct(subtype, shape, _refuse_object_dtype(np.dtype(dtype)))
+
+
+def _safe_frombuffer(buf: Any, dtype: np.dtype, shape: Any, order: str) -> np.ndarray:
+    return _numeric._frombuffer(buf, _refuse_object_dtype(np.dtype(dtype)), shape, order)
+
+
+def _safe_scalar(dtype: np.dtype, *args: Any) -> Any:
+    return _multiarray.scalar(_refuse_object_dtype(dtype), *args)
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    if codecs.lookup(encoding).name != "iso8859-1":
+        raise UnsafePickleError(f"_codecs.encode with codec {encoding!r} is not allowed")
+    return codecs.encode(text, encoding, errors)
+
+
+_PLAIN_GLOBALS: dict[tuple[str, str], Callable[..., Any]] = {("_codecs", "encode"): _latin1_encode}
+
+_NUMPY_GLOBALS: dict[tuple[str, str], Callable[..., Any]] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _safe_dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
+    ("numpy.core.multiarray", "scalar"): _safe_scalar,
+    ("numpy._core.multiarray", "scalar"): _safe_scalar,
+    ("numpy.core.numeric", "_frombuffer"): _safe_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _safe_frombuffer,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, allowed: dict[tuple[str, str], Callable[..., Any]]) -> None:
+        super().__init__(file)
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(f"global {module}.{name} is not allowed") from None
+
+
+def safe_pickle_loads(data: bytes, what: str, allow_numpy: bool = False) -> Any:
+    """Unpickle ``data`` admitting only plain containers/scalars (plus ndarrays with ``allow_numpy``).
+
+    ``what`` names the source (e.g. ``"features.lmdb key b'42'"``) for the error message.
+    """
+    allowed = {**_PLAIN_GLOBALS, **_NUMPY_GLOBALS} if allow_numpy else _PLAIN_GLOBALS
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), allowed).load()
+    except UnsafePickleError as err:
+        raise UnsafePickleError(f"{what}: refusing unsafe pickle: {err}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as err:
+        raise UnsafePickleError(f"{what}: not a valid pickle: {err}") from None
+
+
+def _field(obj: dict, name: str, default: Any = None) -> Any:
+    # msgpack-numpy writes bytes keys; very old writers used str keys.
+    key = name.encode()
+    return obj[key] if key in obj else obj.get(name, default)
+
+
+def _as_str(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _msgpack_numpy_hook(obj: dict) -> Any:
+    """Decode msgpack-numpy's ``{b"nd": ...}`` / ``{b"complex": ...}`` maps without ever unpickling."""
+    if b"nd" in obj or "nd" in obj:
+        kind = _as_str(_field(obj, "kind", ""))
+        if kind == "O":
+            raise UnsafePickleError("msgpack-numpy object array (stored as a pickle) is not allowed")
+        descr = _field(obj, "type")
+        if kind == "V":
+            descr = [tuple(_as_str(t) for t in d) for d in descr]
+        dtype = _refuse_object_dtype(np.dtype(_as_str(descr)))
+        data = _field(obj, "data")
+        if _field(obj, "nd") is True:
+            return np.frombuffer(data, dtype=dtype).reshape(_field(obj, "shape"))
+        return np.frombuffer(data, dtype=dtype)[0]
+    if b"complex" in obj or "complex" in obj:
+        return complex(_as_str(_field(obj, "data")))
+    return obj
+
+
+def safe_msgpack_loads(data: bytes, what: str) -> Any:
+    """Decode a msgpack (+ msgpack-numpy) value as tensorpack 0.9 wrote it; ``what`` names the source."""
+    try:
+        return msgpack.unpackb(data, raw=False, object_hook=_msgpack_numpy_hook, strict_map_key=False)
+    except UnsafePickleError as err:
+        raise UnsafePickleError(f"{what}: {err}") from None
+    except (msgpack.UnpackException, ValueError, TypeError) as err:
+        raise UnsafePickleError(f"{what}: not a valid msgpack value: {err}") from None
+
+
+def msgpack_dumps(obj: Any) -> bytes:
+    """Encode as tensorpack 0.9's ``dumps_msgpack``: ``use_bin_type=True`` with numpy support."""
+    return msgpack.packb(obj, use_bin_type=True, default=msgpack_numpy.encode)
+
+
+def loads_tensorpack_value(data: bytes, what: str) -> Any:
+    """Decode a tensorpack LMDBSerializer value: pickle (first byte 0x80, tensorpack >= 0.10) or msgpack."""
+    if data[:1] == b"\x80":
+        return safe_pickle_loads(data, what, allow_numpy=True)
+    return safe_msgpack_loads(data, what)

@@ -1,0 +1,86 @@
+"""One optimiser step out of several micro-batches, shared by pretraining and fine-tuning.
+
+It owns what every training loop must get right: loss scaling, DDP ``no_sync`` on accumulation
+steps, gradient clipping, skipping non-finite steps in agreement across ranks, the LR schedule
+and the EMA update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from vilbert.ema import ExponentialMovingAverage
+from vilbert.training_state import NonFiniteGuard
+
+
+class Optimization:
+    """Accumulate ``backward`` calls, then ``step`` once; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        scaler: torch.amp.GradScaler,
+        guard: NonFiniteGuard,
+        max_grad_norm: float = 1.0,
+        ema: ExponentialMovingAverage | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.guard = guard
+        self.max_grad_norm = max_grad_norm
+        self.ema = ema
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._pending = 0
+
+    def micro_step(self, will_step: bool) -> contextlib.AbstractContextManager:
+        """Wrap forward + backward of a micro-batch; gradients sync across ranks only before a step."""
+        if isinstance(self.model, DistributedDataParallel) and not will_step:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, scale: float = 1.0) -> None:
+        """``scale`` divides the loss among the micro-batches of one step (1 / accumulation).
+
+        Losses are summed on the device (a NaN/inf anywhere makes the sum non-finite), so the
+        finiteness check costs one host sync per optimiser step, not one per micro-batch.
+        """
+        self._loss_sum = self._loss_sum + loss.detach().float()
+        self.scaler.scale(loss * scale).backward()
+        self._pending += 1
+
+    def step(self) -> bool:
+        """Apply the accumulated gradients; False when the step was skipped (non-finite loss)."""
+        skip = self.guard.check(self._loss_sum)
+        self._loss_sum, self._pending = 0.0, 0
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        if self.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return True
+
+    @property
+    def pending(self) -> int:
+        """Micro-batches accumulated since the last step."""
+        return self._pending
+
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])

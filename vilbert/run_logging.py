@@ -1,0 +1,89 @@
+"""What a training run tells its user: a progress bar, periodic log lines, TensorBoard events.
+
+Only the main process logs; every method is a no-op elsewhere, so loops need no rank checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Mapping
+
+import torch
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+class RunLogger:
+    """Rank-0 reporting; ``log_every`` optimiser steps a line with losses, lr and samples/s."""
+
+    def __init__(self, log_dir: str | None, enabled: bool, log_every: int = 20, quiet: bool = False) -> None:
+        self.enabled = enabled
+        self.log_every = max(1, log_every)
+        self.show_bar = enabled and not quiet and sys.stderr.isatty()
+        self.writer = None
+        if enabled and log_dir is not None:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=log_dir)
+        self._sums: dict[str, torch.Tensor | float] = {}
+        self._count = 0
+        self._samples = 0
+        self._since = time.perf_counter()
+        self.bar: tqdm | None = None
+
+    def start_epoch(self, epoch: int, total: int, done: int = 0) -> None:
+        if self.show_bar:
+            self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch}", dynamic_ncols=True)
+        self._since = time.perf_counter()
+
+    def end_epoch(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def step(
+        self, global_step: int, losses: Mapping[str, torch.Tensor | float], lr: float, samples: int
+    ) -> None:
+        """Record one optimiser step; every ``log_every`` steps print and plot the running means.
+
+        Losses may stay on the device: they are summed there and read once per log line.
+        """
+        if not self.enabled:
+            return
+        for name, value in losses.items():
+            value = value.detach() if isinstance(value, torch.Tensor) else value
+            self._sums[name] = self._sums.get(name, 0.0) + value
+        self._count += 1
+        self._samples += samples
+        if self.bar is not None:
+            self.bar.update(1)
+        if global_step % self.log_every:
+            return
+        elapsed = max(time.perf_counter() - self._since, 1e-9)
+        means = {name: float(total) / self._count for name, total in self._sums.items()}
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
+        rate = self._samples / elapsed
+        logger.info(
+            "step %d | %s | lr %.3g | %.1f samples/s",
+            global_step,
+            " ".join(f"{k} {v:.4f}" for k, v in means.items()),
+            lr,
+            rate,
+        )
+        self.scalars("train", {**means, "lr": lr, "samples_per_s": rate}, global_step)
+        self._sums, self._count, self._samples = {}, 0, 0
+        self._since = time.perf_counter()
+
+    def scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
+
+    def close(self) -> None:
+        self.end_epoch()
+        if self.writer is not None:
+            self.writer.close()
