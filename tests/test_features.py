@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import multiprocessing
 import os
 import pickle
@@ -117,6 +118,27 @@ def test_region_features_round_trip(tmp_path):
     np.testing.assert_allclose(regions.cls_prob, record["cls_prob"].astype(np.float32))
     assert store[1001].cls_prob is None
     assert (regions.image_h, regions.image_w) == (300, 400)
+
+
+def test_reads_values_written_as_strings_and_with_protocol_2(tmp_path):
+    # Published converters pickled csv.DictReader rows: every field a str, base64 as str.
+    features = np.arange(6, dtype=np.float32).reshape(2, 3)
+    boxes = np.array([[0, 0, 10, 20], [5, 5, 15, 25]], dtype=np.float32)
+    row = {
+        "image_id": "42",
+        "image_h": "100",
+        "image_w": "50",
+        "num_boxes": "2",
+        "boxes": base64.b64encode(boxes.tobytes()).decode(),
+        "features": base64.b64encode(features.tobytes()).decode(),
+    }
+    path = str(tmp_path / "published.lmdb")
+    with AtomicLMDBWriter(path, subdir=True) as writer:
+        writer.put(b"keys", pickle.dumps([b"42"], protocol=2))
+        writer.put(b"42", pickle.dumps(row, protocol=2))
+    regions = RegionFeatureStore(path)[42]
+    np.testing.assert_array_equal(regions.features[1:], features)
+    np.testing.assert_allclose(regions.boxes[2], [0.1, 0.05, 0.3, 0.25, 0.04])
 
 
 def test_in_memory_cache_returns_read_only_arrays(tmp_path):

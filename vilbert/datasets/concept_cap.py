@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -31,8 +32,9 @@ from vilbert.datasets.features import PretrainDatapoint, PretrainingLMDB
 from vilbert.datasets.masking import (
     IGNORE_INDEX,
     bert_mask_tokens,
-    group_mask_regions,
-    independent_mask_regions,
+    group_region_mask,
+    independent_region_mask,
+    region_labels,
     span_mask_tokens,
 )
 from vilbert.tokenization import BertTokenizer
@@ -180,6 +182,10 @@ class PretrainingSampleBuilder:
         return self._caption_texts[choice]
 
     def build(self, datapoint: PretrainDatapoint, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """One unpadded sample. Regions are returned as the original features plus the MRM decision
+        (``region_zeroed``) rather than as a masked copy: :func:`collate_pretraining` applies the
+        zeroing and computes the global region while writing into the batch, so the 2048-d features
+        are copied once per sample instead of twice."""
         num_boxes = int(datapoint.num_boxes)
         if num_boxes < 1 or len(datapoint.features) < num_boxes:
             raise ValueError(
@@ -188,22 +194,14 @@ class PretrainingSampleBuilder:
         n = min(num_boxes, self.region_len)
         features = datapoint.features[:n]
         image_w, image_h = float(datapoint.image_w), float(datapoint.image_h)
-
-        image_loc = np.empty((n + 1, 5), dtype=np.float32)
-        image_loc[0] = GLOBAL_LOC
         boxes = datapoint.boxes[:n]
-        image_loc[1:, :4] = boxes / np.array([image_w, image_h, image_w, image_h], dtype=np.float32)
-        image_loc[1:, 4] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (image_w * image_h)
-
-        image_feat = np.empty((n + 1, features.shape[1]), dtype=np.float32)
-        image_feat[1:] = features
+        region_loc = np.empty((n, 5), dtype=np.float32)
+        region_loc[:, :4] = boxes / np.array([image_w, image_h, image_w, image_h], dtype=np.float32)
+        region_loc[:, 4] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (image_w * image_h)
         if self.span_mask:
-            _, image_label = group_mask_regions(
-                image_feat[1:], image_loc[1:], n, rng, image_w, image_h, inplace=True
-            )
+            region_zeroed = targets = group_region_mask(region_loc, n, rng, image_w, image_h)
         else:
-            _, image_label = independent_mask_regions(image_feat[1:], n, rng, inplace=True)
-        image_feat[0] = image_feat[1:].mean(axis=0)
+            region_zeroed, targets = independent_region_mask(n, rng)
 
         is_next = int(rng.random() < self.itm_prob)
         caption = self.other_caption(datapoint.image_id, rng) if is_next else datapoint.caption
@@ -211,11 +209,8 @@ class PretrainingSampleBuilder:
         mask_tokens = span_mask_tokens if self.span_mask else bert_mask_tokens
         masked, labels = mask_tokens(tokens, rng, self.tokenizer.vocab_size, self.tokenizer.mask_token_id)
         input_ids = np.empty(len(masked) + 2, dtype=np.int64)
-        input_ids[0], input_ids[1:-1], input_ids[-1] = (
-            self.tokenizer.cls_token_id,
-            masked,
-            self.tokenizer.sep_token_id,
-        )
+        input_ids[0], input_ids[-1] = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+        input_ids[1:-1] = masked
         lm_label_ids = np.full(len(masked) + 2, IGNORE_INDEX, dtype=np.int64)
         lm_label_ids[1:-1] = labels
 
@@ -223,10 +218,11 @@ class PretrainingSampleBuilder:
             "input_ids": input_ids,
             "lm_label_ids": lm_label_ids,
             "is_next": np.array(is_next, dtype=np.int64),
-            "image_feat": image_feat,
-            "image_loc": image_loc,
+            "region_feat": features,
+            "region_loc": region_loc,
+            "region_zeroed": region_zeroed,
             "image_target": features if self.predict_feature else datapoint.cls_prob[:n],
-            "image_label": image_label,
+            "image_label": region_labels(targets),
             "image_id": np.array(_image_id_number(datapoint.image_id), dtype=np.int64),
         }
 
@@ -295,64 +291,83 @@ class ConceptCapDataset(Dataset):
         )
 
 
+def _float_batch(shape: tuple[int, int, int], in_worker: bool) -> torch.Tensor:
+    """An uninitialised float32 batch tensor. In a DataLoader worker it is allocated straight in
+    shared memory (as ``default_collate`` does), else sending it to the main process would move it
+    there with one more copy of the largest arrays of the batch."""
+    if not in_worker:
+        return torch.empty(shape, dtype=torch.float32)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+
+
 def collate_pretraining(
     samples: Sequence[Mapping[str, np.ndarray]],
     dynamic_padding: bool = True,
     max_seq_length: int = 36,
     region_len: int = 36,
 ) -> dict[str, torch.Tensor]:
-    """Pad and stack samples into the named pretraining batch.
+    """Pad and stack samples into the named pretraining batch, applying each sample's region masking.
 
-    Text is padded with id 0, label -1; regions with zero features/boxes, label -1. With
-    ``dynamic_padding`` the batch is as long as its longest caption and region list; otherwise
-    ``max_seq_length`` tokens and ``region_len + 1`` regions (global included). ``image_target``
-    and ``image_label`` cover the real regions only (one fewer than ``image_feat``).
+    ``image_feat`` row 0 is the global region: the mean over the real regions after masking
+    (zeroed regions count as zeros). Text is padded with id 0, label -1; regions with zero
+    features/boxes, label -1. With ``dynamic_padding`` the batch is as long as its longest caption
+    and region list; otherwise ``max_seq_length`` tokens and ``region_len + 1`` regions.
+    ``image_target`` and ``image_label`` cover the real regions only (one fewer than ``image_feat``).
     """
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
     text_lengths = np.array([len(s["input_ids"]) for s in samples])
-    region_counts = np.array([len(s["image_feat"]) for s in samples])
+    region_counts = np.array([len(s["region_feat"]) for s in samples])
     if dynamic_padding:
-        seq_len, num_regions = int(text_lengths.max()), int(region_counts.max())
+        seq_len, num_regions = int(text_lengths.max()), int(region_counts.max()) + 1
     else:
         seq_len, num_regions = max_seq_length, region_len + 1
-        if text_lengths.max() > seq_len or region_counts.max() > num_regions:
+        if text_lengths.max() > seq_len or region_counts.max() >= num_regions:
             raise ValueError(
                 f"a sample has {text_lengths.max()} tokens / {region_counts.max()} regions, more than the "
-                f"fixed padding {seq_len} / {num_regions}"
+                f"fixed padding {seq_len} / {region_len}"
             )
-    batch_size = len(samples)
-    feat_dim = samples[0]["image_feat"].shape[1]
+    size = len(samples)
+    feat_dim = samples[0]["region_feat"].shape[1]
     target_dim = samples[0]["image_target"].shape[1]
+    in_worker = torch.utils.data.get_worker_info() is not None
+    feat_tensor = _float_batch((size, num_regions, feat_dim), in_worker)
+    target_tensor = _float_batch((size, num_regions - 1, target_dim), in_worker)
+    image_feat, image_target = feat_tensor.numpy(), target_tensor.numpy()
 
-    input_ids = np.zeros((batch_size, seq_len), dtype=np.int64)
-    lm_label_ids = np.full((batch_size, seq_len), IGNORE_INDEX, dtype=np.int64)
-    image_feat = np.zeros((batch_size, num_regions, feat_dim), dtype=np.float32)
-    image_loc = np.zeros((batch_size, num_regions, 5), dtype=np.float32)
-    image_target = np.zeros((batch_size, num_regions - 1, target_dim), dtype=np.float32)
-    image_label = np.full((batch_size, num_regions - 1), IGNORE_INDEX, dtype=np.int64)
-    for i, (sample, length, regions) in enumerate(zip(samples, text_lengths, region_counts)):
+    input_ids = np.zeros((size, seq_len), dtype=np.int64)
+    lm_label_ids = np.full((size, seq_len), IGNORE_INDEX, dtype=np.int64)
+    image_loc = np.zeros((size, num_regions, 5), dtype=np.float32)
+    image_loc[:, 0] = GLOBAL_LOC
+    image_label = np.full((size, num_regions - 1), IGNORE_INDEX, dtype=np.int64)
+    for i, (sample, length, n) in enumerate(zip(samples, text_lengths, region_counts)):
         input_ids[i, :length] = sample["input_ids"]
         lm_label_ids[i, :length] = sample["lm_label_ids"]
-        image_feat[i, :regions] = sample["image_feat"]
-        image_loc[i, :regions] = sample["image_loc"]
-        image_target[i, : regions - 1] = sample["image_target"]
-        image_label[i, : regions - 1] = sample["image_label"]
+        regions = image_feat[i, 1 : n + 1]
+        regions[...] = sample["region_feat"]
+        regions[sample["region_zeroed"]] = 0
+        np.add.reduce(regions, axis=0, out=image_feat[i, 0])
+        image_feat[i, 0] /= n
+        image_feat[i, n + 1 :] = 0
+        image_target[i, :n] = sample["image_target"]
+        image_target[i, n:] = 0
+        image_loc[i, 1 : n + 1] = sample["region_loc"]
+        image_label[i, :n] = sample["image_label"]
 
     input_mask = (np.arange(seq_len) < text_lengths[:, None]).astype(np.int64)
-    image_mask = (np.arange(num_regions) < region_counts[:, None]).astype(np.int64)
-    batch = {
-        "input_ids": input_ids,
-        "input_mask": input_mask,
-        "segment_ids": np.zeros((batch_size, seq_len), dtype=np.int64),
-        "lm_label_ids": lm_label_ids,
-        "is_next": np.array([s["is_next"] for s in samples], dtype=np.int64),
-        "image_feat": image_feat,
-        "image_loc": image_loc,
-        "image_target": image_target,
-        "image_label": image_label,
-        "image_mask": image_mask,
-        "multimodal_mask": np.concatenate([image_mask, input_mask], axis=1),
-        "image_id": np.array([s["image_id"] for s in samples], dtype=np.int64),
+    image_mask = (np.arange(num_regions) <= region_counts[:, None]).astype(np.int64)
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "input_mask": torch.from_numpy(input_mask),
+        "segment_ids": torch.zeros((size, seq_len), dtype=torch.int64),
+        "lm_label_ids": torch.from_numpy(lm_label_ids),
+        "is_next": torch.tensor([int(s["is_next"]) for s in samples], dtype=torch.int64),
+        "image_feat": feat_tensor,
+        "image_loc": torch.from_numpy(image_loc),
+        "image_target": target_tensor,
+        "image_label": torch.from_numpy(image_label),
+        "image_mask": torch.from_numpy(image_mask),
+        "multimodal_mask": torch.from_numpy(np.concatenate([image_mask, input_mask], axis=1)),
+        "image_id": torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.int64),
     }
-    return {name: torch.from_numpy(array) for name, array in batch.items()}

@@ -72,6 +72,21 @@ def bert_mask_tokens(
     return _corrupt(token_ids, u < mask_prob, u / mask_prob, rng, vocab_size, mask_id)
 
 
+def _iou(rows: np.ndarray, boxes: np.ndarray, pixel: np.ndarray) -> np.ndarray:
+    """IoU [k, n] of ``rows`` [k, 4] against ``boxes`` [n, 4]; x and y handled together to keep it cheap."""
+    lo = np.maximum(rows[:, None, :2], boxes[None, :, :2])
+    hi = np.minimum(rows[:, None, 2:], boxes[None, :, 2:])
+    overlap = np.maximum(hi - lo + pixel, 0.0)
+    inter = overlap[..., 0] * overlap[..., 1]
+    row_size = rows[:, 2:] - rows[:, :2] + pixel
+    size = boxes[:, 2:] - boxes[:, :2] + pixel
+    return inter / ((row_size[:, 0] * row_size[:, 1])[:, None] + size[:, 0] * size[:, 1] - inter)
+
+
+def _pixel(image_w: float, image_h: float) -> np.ndarray:
+    return np.array([1.0 / float(image_w), 1.0 / float(image_h)])
+
+
 def box_iou(boxes_norm: np.ndarray, image_w: float, image_h: float) -> np.ndarray:
     """Pairwise IoU [n, n] of normalised boxes (x1, y1, x2, y2, ...) with the +1-pixel convention.
 
@@ -79,23 +94,55 @@ def box_iou(boxes_norm: np.ndarray, image_w: float, image_h: float) -> np.ndarra
     has positive area and overlaps itself with IoU 1.
     """
     boxes = np.asarray(boxes_norm, dtype=np.float64)[:, :4]
-    pixel_w, pixel_h = 1.0 / float(image_w), 1.0 / float(image_h)
-    x1, y1, x2, y2 = boxes.T
-    area = (x2 - x1 + pixel_w) * (y2 - y1 + pixel_h)
-    inter_w = np.minimum(x2[:, None], x2[None, :]) - np.maximum(x1[:, None], x1[None, :]) + pixel_w
-    inter_h = np.minimum(y2[:, None], y2[None, :]) - np.maximum(y1[:, None], y1[None, :]) + pixel_h
-    inter = np.maximum(inter_w, 0.0) * np.maximum(inter_h, 0.0)
-    return inter / (area[:, None] + area[None, :] - inter)
+    return _iou(boxes, boxes, _pixel(image_w, image_h))
 
 
-def _region_outputs(
-    features: np.ndarray, zeroed: np.ndarray, targets: np.ndarray, inplace: bool
+def group_region_mask(
+    boxes_norm: np.ndarray,
+    num_real: int,
+    rng: np.random.Generator,
+    image_w: float,
+    image_h: float,
+    p: float = 0.1,
+    iou_threshold: float = 0.4,
+) -> np.ndarray:
+    """Which of the first ``num_real`` regions group masking zeroes (bool [num_real]).
+
+    Each real region seeds w.p. ``p``; every region with IoU >= ``iou_threshold`` to a seed is
+    masked. Masking whole overlapping neighbourhoods stops the model from copying a masked region's
+    content from a near-duplicate box.
+    """
+    seeds = rng.random(num_real) < p
+    if not seeds.any():
+        return seeds
+    boxes = np.asarray(boxes_norm[:num_real], dtype=np.float64)[:, :4]
+    iou = _iou(boxes[seeds], boxes, _pixel(image_w, image_h))
+    return (iou >= iou_threshold).any(axis=0)
+
+
+def independent_region_mask(
+    num_real: int, rng: np.random.Generator, p: float = 0.15, zero_prob: float = 0.9
 ) -> tuple[np.ndarray, np.ndarray]:
-    masked = features if inplace else np.array(features, copy=True)
-    masked[: zeroed.size][zeroed] = 0
-    labels = np.full(len(features), IGNORE_INDEX, dtype=np.int64)
-    labels[: targets.size][targets] = 1
-    return masked, labels
+    """BERT-style region masking: ``(zeroed, targets)``, bool [num_real] each.
+
+    Each real region is a target w.p. ``p``; ``zero_prob`` of the targets are zeroed, the rest kept.
+    """
+    u = rng.random(num_real)
+    targets = u < p
+    return targets & (u / p < zero_prob), targets
+
+
+def region_labels(targets: np.ndarray, length: int | None = None) -> np.ndarray:
+    """MRM labels: 1 at targets, -1 elsewhere, padded with -1 to ``length``."""
+    labels = np.full(len(targets) if length is None else length, IGNORE_INDEX, dtype=np.int64)
+    labels[: len(targets)][targets] = 1
+    return labels
+
+
+def _zero_rows(features: np.ndarray, zeroed: np.ndarray) -> np.ndarray:
+    masked = np.array(features, copy=True)
+    masked[: len(zeroed)][zeroed] = 0
+    return masked
 
 
 def group_mask_regions(
@@ -107,30 +154,16 @@ def group_mask_regions(
     image_h: float,
     p: float = 0.1,
     iou_threshold: float = 0.4,
-    inplace: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Group masking: each real region seeds w.p. ``p``; all regions with IoU >= threshold to a seed
-    are zeroed and labelled 1. Rows from ``num_real`` on (padding) stay untouched with label -1.
-
-    Masking whole overlapping neighbourhoods stops the model from copying a masked region's content
-    from a near-duplicate box.
-    """
-    seeds = rng.random(num_real) < p
-    iou = box_iou(boxes_norm[:num_real], image_w, image_h)
-    grouped = (iou[seeds] >= iou_threshold).any(axis=0)
-    return _region_outputs(features, grouped, grouped, inplace)
+    """Group masking applied: ``(masked copy of features, labels)``; rows from ``num_real`` on
+    (padding) stay untouched with label -1."""
+    zeroed = group_region_mask(boxes_norm, num_real, rng, image_w, image_h, p, iou_threshold)
+    return _zero_rows(features, zeroed), region_labels(zeroed, len(features))
 
 
 def independent_mask_regions(
-    features: np.ndarray,
-    num_real: int,
-    rng: np.random.Generator,
-    p: float = 0.15,
-    zero_prob: float = 0.9,
-    inplace: bool = False,
+    features: np.ndarray, num_real: int, rng: np.random.Generator, p: float = 0.15, zero_prob: float = 0.9
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each real region is a target w.p. ``p``; ``zero_prob`` of the targets are zeroed, the rest kept."""
-    u = rng.random(num_real)
-    targets = u < p
-    zeroed = targets & (u / p < zero_prob)
-    return _region_outputs(features, zeroed, targets, inplace)
+    """Independent masking applied: ``(masked copy of features, labels)``; padding rows untouched."""
+    zeroed, targets = independent_region_mask(num_real, rng, p, zero_prob)
+    return _zero_rows(features, zeroed), region_labels(targets, len(features))
