@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vilbert.atomic import atomic_torch_save
+from vilbert.distributed import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -132,18 +133,7 @@ def load_pretrained(model: nn.Module, path: str, strict: bool = False) -> tuple[
     return load_state_dict_into(model, read_state_dict(path), source=path, strict=strict)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside DDP / ``torch.compile`` wrappers."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def save_state_dict(model: nn.Module, path: str) -> None:
     """Write the plain state dict (published naming, no ``module.``) atomically."""
-    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in unwrap_model(model).state_dict().items()}
     atomic_torch_save(state, path)
