@@ -2,10 +2,11 @@
 collate), this project's vectorised pipeline against the published per-sample algorithm, in one run.
 
 The baseline re-implements the published algorithm as it ran: the slow pure-Python BERT tokenizer
-(``transformers.BertTokenizer``, standing in for pytorch-pretrained-bert's), Python loops per token,
-``random.choice(list(vocab.items()))`` per randomly replaced token, ``copy.deepcopy`` of the padded
-feature and target arrays, the tiled IoU matrix with Python loops over regions for seeding and labels,
-fixed padding to 36 tokens / 36 regions, stacking, then the global region and ``torch.tensor`` copies.
+(transformers' Python ``BertTokenizer``, standing in for pytorch-pretrained-bert's, whose vocab is
+likewise an ``OrderedDict``), Python loops per token, ``random.choice(list(vocab.items()))`` per
+randomly replaced token, ``copy.deepcopy`` of the padded feature and target arrays, the published
+tiled IoU matrix with Python loops over regions for seeding and labels, fixed padding to 36 tokens /
+36 regions, stacking, then the global region and ``torch.tensor`` copies.
 Both sides start from the same in-memory datapoints and captions; LMDB reading is not timed.
 The last line printed is ``ratio=<baseline time / our time>``.
 """
@@ -19,7 +20,11 @@ import time
 
 import numpy as np
 import torch
-import transformers
+
+try:  # transformers >= 5: ``BertTokenizer`` is Rust-backed; the pure-Python one was renamed
+    from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy as SlowBertTokenizer
+except ImportError:  # transformers < 5
+    from transformers import BertTokenizer as SlowBertTokenizer
 
 from vilbert.datasets.concept_cap import PretrainingSampleBuilder, collate_pretraining, sample_rng
 from vilbert.datasets.features import PretrainDatapoint
@@ -29,7 +34,7 @@ FEATURE_DIM, NUM_CLASSES, SEQ_LEN, REGION_LEN = 2048, 1601, 36, 36
 
 
 def make_datapoints(num: int, seed: int, vocab: dict[str, int]) -> list[PretrainDatapoint]:
-    """Realistic sizes: 10–36 boxes of 2048-d features and 1601-way class distributions, 10–20 word captions."""
+    """Realistic sizes: 10–36 boxes, 2048-d features, 1601-way class distributions, 10–20 word captions."""
     rng = np.random.default_rng(seed)
     words = [w for w, i in vocab.items() if 2000 <= i < 8000 and w.isalpha() and len(w) > 2]
     points = []
@@ -37,31 +42,40 @@ def make_datapoints(num: int, seed: int, vocab: dict[str, int]) -> list[Pretrain
         n = int(rng.integers(10, 37))
         w, h = int(rng.integers(300, 800)), int(rng.integers(300, 800))
         x1, y1 = rng.uniform(0, w * 0.7, n), rng.uniform(0, h * 0.7, n)
-        boxes = np.stack([x1, y1, np.minimum(x1 + rng.uniform(20, w * 0.5, n), w - 1),
-                          np.minimum(y1 + rng.uniform(20, h * 0.5, n), h - 1)], axis=1)
+        boxes = np.stack(
+            [
+                x1,
+                y1,
+                np.minimum(x1 + rng.uniform(20, w * 0.5, n), w - 1),
+                np.minimum(y1 + rng.uniform(20, h * 0.5, n), h - 1),
+            ],
+            axis=1,
+        )
         scores = rng.random((n, NUM_CLASSES), dtype=np.float32)
         caption = " ".join(rng.choice(words, size=int(rng.integers(10, 21))))
-        points.append(PretrainDatapoint(
-            features=rng.random((n, FEATURE_DIM), dtype=np.float32),
-            cls_prob=scores / scores.sum(axis=1, keepdims=True),
-            boxes=boxes.astype(np.float32),
-            num_boxes=n,
-            image_h=h,
-            image_w=w,
-            image_id=str(1_000_000 + index),
-            caption=caption,
-        ))
+        points.append(
+            PretrainDatapoint(
+                features=rng.random((n, FEATURE_DIM), dtype=np.float32),
+                cls_prob=scores / scores.sum(axis=1, keepdims=True),
+                boxes=boxes.astype(np.float32),
+                num_boxes=n,
+                image_h=h,
+                image_w=w,
+                image_id=str(1_000_000 + index),
+                caption=caption,
+            )
+        )
     return points
 
 
 class PublishedPreprocess:
     """The published per-sample algorithm (span masking + group masking), re-implemented for timing."""
 
-    def __init__(self, captions: dict[str, str], tokenizer: transformers.BertTokenizer) -> None:
+    def __init__(self, captions: dict[str, str], tokenizer: SlowBertTokenizer) -> None:
         self.captions = captions
         self.caption_ids = list(captions)
         self.tokenizer = tokenizer
-        self.vocab = tokenizer.vocab  # an attribute (a dict) in pytorch-pretrained-bert
+        self.vocab = tokenizer.vocab  # an attribute (an OrderedDict) in pytorch-pretrained-bert
 
     def __call__(self, point: PretrainDatapoint) -> dict[str, np.ndarray]:
         num_boxes = int(point.num_boxes)
@@ -93,7 +107,7 @@ class PublishedPreprocess:
         feat, region_labels = self.group_mask(feat, loc, num_boxes, w, h)
 
         words = ["[CLS]"] + tokens + ["[SEP]"]
-        input_ids = self.tokenizer.convert_tokens_to_ids(words)
+        input_ids = [self.vocab[word] for word in words]  # pytorch-pretrained-bert's convert_tokens_to_ids
         lm_labels = [-1] + lm_labels + [-1]
         segment_ids = [0] * len(words)
         input_mask = [1] * len(input_ids)
@@ -107,11 +121,18 @@ class PublishedPreprocess:
             segment_ids.append(0)
             lm_labels.append(-1)
         return {
-            "input_ids": np.array(input_ids), "input_mask": np.array(input_mask),
-            "segment_ids": np.array(segment_ids), "lm_label_ids": np.array(lm_labels),
-            "is_next": np.array(is_next), "image_feat": feat, "image_loc": loc, "image_target": target,
-            "image_label": np.array(region_labels), "image_mask": np.array(image_mask),
-            "multimodal_mask": np.array(image_mask + input_mask), "image_id": np.array(int(point.image_id)),
+            "input_ids": np.array(input_ids),
+            "input_mask": np.array(input_mask),
+            "segment_ids": np.array(segment_ids),
+            "lm_label_ids": np.array(lm_labels),
+            "is_next": np.array(is_next),
+            "image_feat": feat,
+            "image_loc": loc,
+            "image_target": target,
+            "image_label": np.array(region_labels),
+            "image_mask": np.array(image_mask),
+            "multimodal_mask": np.array(image_mask + input_mask),
+            "image_id": np.array(int(point.image_id)),
         }
 
     def span_mask(self, tokens: list[str]) -> tuple[list[str], list[int]]:
@@ -136,16 +157,24 @@ class PublishedPreprocess:
         return tokens, labels
 
     @staticmethod
-    def group_mask(feat: np.ndarray, loc: np.ndarray, num_boxes: int, w: float, h: float) -> tuple[np.ndarray, list]:
+    def group_mask(
+        feat: np.ndarray, loc: np.ndarray, num_boxes: int, w: float, h: float
+    ) -> tuple[np.ndarray, list]:
         n = len(loc)
         area = (loc[:, 2] - loc[:, 0] + 1.0 / w) * (loc[:, 3] - loc[:, 1] + 1.0 / h)
         a = np.tile(loc.reshape(n, 1, 5), [1, n, 1])
         b = np.tile(loc.reshape(1, n, 5), [n, 1, 1])
-        iw = np.where(a[:, :, 2] < b[:, :, 2], a[:, :, 2], b[:, :, 2]) - np.where(
-            a[:, :, 0] > b[:, :, 0], a[:, :, 0], b[:, :, 0]) + 1.0 / w
+        iw = (
+            np.where(a[:, :, 2] < b[:, :, 2], a[:, :, 2], b[:, :, 2])
+            - np.where(a[:, :, 0] > b[:, :, 0], a[:, :, 0], b[:, :, 0])
+            + 1.0 / w
+        )
         iw[iw < 0] = 0
-        ih = np.where(a[:, :, 3] < b[:, :, 3], a[:, :, 3], b[:, :, 3]) - np.where(
-            a[:, :, 1] > b[:, :, 1], a[:, :, 1], b[:, :, 1]) + 1.0 / h
+        ih = (
+            np.where(a[:, :, 3] < b[:, :, 3], a[:, :, 3], b[:, :, 3])
+            - np.where(a[:, :, 1] > b[:, :, 1], a[:, :, 1], b[:, :, 1])
+            + 1.0 / h
+        )
         ih[ih < 0] = 0
         iou = iw * ih / (area.reshape(1, n) + area.reshape(n, 1) - iw * ih)
         for i in range(num_boxes):
@@ -170,24 +199,32 @@ def published_batch(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Ten
     return {k: torch.tensor(v) for k, v in stacked.items()}
 
 
-def time_baseline(points: list[PretrainDatapoint], captions: dict[str, str], batch_size: int, seed: int) -> float:
-    tokenizer = transformers.BertTokenizer(default_vocab_path(), do_lower_case=True)
-    preprocess = PublishedPreprocess(captions, tokenizer)
-    random.seed(seed)
-    np.random.seed(seed)
-    start = time.perf_counter()
-    for first in range(0, len(points), batch_size):
-        published_batch([preprocess(p) for p in points[first : first + batch_size]])
-    return time.perf_counter() - start
-
-
-def time_ours(points: list[PretrainDatapoint], captions: dict[str, str], batch_size: int, seed: int) -> float:
+def time_both(
+    points: list[PretrainDatapoint], captions: dict[str, str], batch_size: int, seed: int
+) -> tuple[float, float]:
+    """(baseline seconds, our seconds) over all batches, alternating sides batch by batch (and which
+    side goes first) so that load from elsewhere on the machine and cache warmth hit both alike."""
+    slow_tokenizer = SlowBertTokenizer(default_vocab_path(), do_lower_case=True)
+    if getattr(slow_tokenizer, "is_fast", False):
+        raise RuntimeError("the baseline needs the pure-Python BERT tokenizer, got a Rust-backed one")
+    preprocess = PublishedPreprocess(captions, slow_tokenizer)
     builder = PretrainingSampleBuilder(BertTokenizer(default_vocab_path()), captions)  # empty token cache
-    start = time.perf_counter()
-    for first in range(0, len(points), batch_size):
-        chunk = range(first, min(first + batch_size, len(points)))
+    random.seed(seed)
+
+    def baseline_batch(chunk: range) -> None:
+        published_batch([preprocess(points[i]) for i in chunk])
+
+    def our_batch(chunk: range) -> None:
         collate_pretraining([builder.build(points[i], sample_rng(seed, 0, 0, i)) for i in chunk])
-    return time.perf_counter() - start
+
+    elapsed = {baseline_batch: 0.0, our_batch: 0.0}
+    for number, first in enumerate(range(0, len(points), batch_size)):
+        chunk = range(first, min(first + batch_size, len(points)))
+        for run in (baseline_batch, our_batch) if number % 2 == 0 else (our_batch, baseline_batch):
+            start = time.perf_counter()
+            run(chunk)
+            elapsed[run] += time.perf_counter() - start
+    return elapsed[baseline_batch], elapsed[our_batch]
 
 
 def main() -> None:
@@ -195,16 +232,17 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=500)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, help="report the best of N runs of each side")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     points = make_datapoints(args.num_samples, args.seed, BertTokenizer(default_vocab_path()).vocab)
     captions = {p.image_id: p.caption for p in points}
-    time_ours(points[: args.batch_size], captions, args.batch_size, args.seed)  # warm-up (imports, allocator)
-    ours = time_ours(points, captions, args.batch_size, args.seed)
-    baseline = time_baseline(points, captions, args.batch_size, args.seed)
+    runs = [time_both(points, captions, args.batch_size, args.seed) for _ in range(args.repeats)]
+    baseline, ours = min(r[0] for r in runs), min(r[1] for r in runs)
     n = len(points)
-    print(f"samples={n} batch_size={args.batch_size} feature_dim={FEATURE_DIM} classes={NUM_CLASSES}")
+    shape = f"feature_dim={FEATURE_DIM} classes={NUM_CLASSES}"
+    print(f"samples={n} batch_size={args.batch_size} {shape} (best of {args.repeats})")
     print(f"published per-sample algorithm: {n / baseline:9.1f} samples/s ({baseline:.3f} s)")
     print(f"this project (vectorised):      {n / ours:9.1f} samples/s ({ours:.3f} s)")
     print(f"ratio={baseline / ours:.2f}")

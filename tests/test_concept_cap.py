@@ -52,7 +52,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("concap")
     rng = np.random.default_rng(0)
     points = [
-        _datapoint(rng, 1000 + i, 2 + (i * 7) % 39, f"a {WORDS[i % 8]} near the {WORDS[(i * 3) % 8]} number {i}")
+        _datapoint(
+            rng, 1000 + i, 2 + (i * 7) % 39, f"a {WORDS[i % 8]} near the {WORDS[(i * 3) % 8]} number {i}"
+        )
         for i in range(NUM_IMAGES)
     ]
     _write_split(directory, "training_feat_all.lmdb", "caption_train.json", points)
@@ -103,7 +105,9 @@ def test_itm_negatives_never_use_the_images_own_caption_and_are_half(
 
 
 @pytest.mark.parametrize("itm_prob, expected", [(0.0, 0), (1.0, 1)])
-def test_itm_probability_is_configurable(data_dir: Path, tokenizer: BertTokenizer, itm_prob, expected) -> None:
+def test_itm_probability_is_configurable(
+    data_dir: Path, tokenizer: BertTokenizer, itm_prob, expected
+) -> None:
     dataset = _dataset(data_dir, tokenizer, itm_prob=itm_prob)
     assert all(int(dataset[i]["is_next"]) == expected for i in range(len(dataset)))
 
@@ -114,8 +118,8 @@ def test_batch_keys_shapes_dtypes_and_padding(data_dir: Path, tokenizer: BertTok
     dynamic = collate_pretraining(samples)
     fixed = dataset.collate_fn(dynamic_padding=False)(samples)
     text_len = max(len(s["input_ids"]) for s in samples)
-    regions = max(len(s["image_feat"]) for s in samples)
-    assert regions <= 31 and max(len(s["image_feat"]) for s in map(dataset.__getitem__, range(24))) == 31
+    regions = max(len(s["region_feat"]) for s in samples) + 1
+    assert regions <= 31 and max(len(s["region_feat"]) for s in map(dataset.__getitem__, range(24))) == 30
     expected = {
         "input_ids": ((6, text_len), (6, 10), torch.int64),
         "input_mask": ((6, text_len), (6, 10), torch.int64),
@@ -135,11 +139,21 @@ def test_batch_keys_shapes_dtypes_and_padding(data_dir: Path, tokenizer: BertTok
         assert tuple(dynamic[name].shape) == dynamic_shape and dynamic[name].dtype == dtype, name
         assert tuple(fixed[name].shape) == fixed_shape and fixed[name].dtype == dtype, name
 
-    for name in ("input_ids", "input_mask", "lm_label_ids", "image_feat", "image_loc", "image_target", "image_label"):
+    for name in (
+        "input_ids",
+        "input_mask",
+        "lm_label_ids",
+        "image_feat",
+        "image_loc",
+        "image_target",
+        "image_label",
+    ):
         width = dynamic[name].shape[1]
         assert torch.equal(fixed[name][:, :width], dynamic[name]), name
-    assert torch.all(fixed["input_ids"][:, text_len:] == 0) and torch.all(fixed["lm_label_ids"][:, text_len:] == -1)
-    assert torch.all(fixed["image_feat"][:, regions:] == 0) and torch.all(fixed["image_label"][:, regions - 1 :] == -1)
+    assert torch.all(fixed["input_ids"][:, text_len:] == 0)
+    assert torch.all(fixed["lm_label_ids"][:, text_len:] == -1)
+    assert torch.all(fixed["image_feat"][:, regions:] == 0)
+    assert torch.all(fixed["image_label"][:, regions - 1 :] == -1)
     for batch in (dynamic, fixed):
         assert torch.equal(batch["multimodal_mask"], torch.cat([batch["image_mask"], batch["input_mask"]], 1))
         assert torch.all(batch["image_mask"][:, 0] == 1) and torch.all(batch["segment_ids"] == 0)
@@ -155,10 +169,13 @@ def test_regions_truncated_targets_and_predict_feature(data_dir: Path, tokenizer
     for index in range(len(plain)):
         point, sample, feature_sample = source[index], plain[index], regress[index]
         n = min(point.num_boxes, 8)
-        assert len(sample["image_feat"]) == n + 1 and len(sample["image_label"]) == n
+        assert len(sample["region_feat"]) == len(sample["region_loc"]) == len(sample["image_label"]) == n
         np.testing.assert_array_equal(sample["image_target"], point.cls_prob[:n])
-        np.testing.assert_array_equal(feature_sample["image_target"], point.features[:n])  # unmasked originals
-        np.testing.assert_allclose(sample["image_loc"][1:, :4] * [320, 240, 320, 240], point.boxes[:n], rtol=1e-5)
+        # Samples carry the unmasked originals; the MRM zeroing is applied in collate.
+        np.testing.assert_array_equal(feature_sample["image_target"], point.features[:n])
+        np.testing.assert_array_equal(sample["region_feat"], point.features[:n])
+        pixels = sample["region_loc"][:, :4] * [320, 240, 320, 240]
+        np.testing.assert_allclose(pixels, point.boxes[:n], rtol=1e-5)
 
 
 def _masks(batches) -> list[tuple]:
@@ -180,14 +197,16 @@ def test_seeding_workers_ranks_epochs_and_resume(twin_dir: Path, tokenizer: Bert
     assert loader(dataset, workers=0) == in_workers, "masks must not depend on the worker count"
     assert loader(_dataset(twin_dir, tokenizer, itm_prob=0.0, seed=3), workers=0) == in_workers
 
-    other_rank = _masks([collate_pretraining([s]) for s in _dataset(twin_dir, tokenizer, itm_prob=0.0, seed=3, rank=1)])
-    same_rank = _masks([collate_pretraining([s]) for s in dataset])
+    def one_by_one(dataset: ConceptCapDataset) -> list[tuple]:
+        return _masks([collate_pretraining([sample]) for sample in dataset])
+
+    same_rank = one_by_one(dataset)
+    other_rank = one_by_one(_dataset(twin_dir, tokenizer, itm_prob=0.0, seed=3, rank=1))
     assert all(a != b for a, b in zip(other_rank, same_rank))
-    other_seed = _masks([collate_pretraining([s]) for s in _dataset(twin_dir, tokenizer, itm_prob=0.0, seed=4)])
-    assert other_seed != same_rank
+    assert one_by_one(_dataset(twin_dir, tokenizer, itm_prob=0.0, seed=4)) != same_rank
 
     dataset.set_epoch(1)
-    next_epoch = _masks([collate_pretraining([s]) for s in dataset])
+    next_epoch = one_by_one(dataset)
     assert next_epoch != same_rank
     resumed = _dataset(twin_dir, tokenizer, itm_prob=0.0, seed=3)
     resumed.set_epoch(1)
@@ -196,7 +215,9 @@ def test_seeding_workers_ranks_epochs_and_resume(twin_dir: Path, tokenizer: Bert
 
 def test_set_epoch_reaches_persistent_workers(twin_dir: Path, tokenizer: BertTokenizer) -> None:
     dataset = _dataset(twin_dir, tokenizer, seed=5)
-    loader = DataLoader(dataset, batch_size=4, num_workers=1, persistent_workers=True, collate_fn=dataset.collate_fn())
+    loader = DataLoader(
+        dataset, batch_size=4, num_workers=1, persistent_workers=True, collate_fn=dataset.collate_fn()
+    )
     epochs = []
     for epoch in range(2):
         dataset.set_epoch(epoch)
@@ -218,7 +239,10 @@ def test_file_layouts(tmp_path: Path) -> None:
     assert files == (str(single / "training_feat_all.lmdb"), str(single / "caption_train.json"))
     assert not files.is_rank_part
     lmdb_path, caption_json = pretraining_files(str(single), "val")
-    assert (lmdb_path, caption_json) == (str(single / "validation_all.lmdb"), str(single / "caption_val.json"))
+    assert (lmdb_path, caption_json) == (
+        str(single / "validation_all.lmdb"),
+        str(single / "caption_val.json"),
+    )
 
     parts = tmp_path / "parts"
     parts.mkdir()
@@ -235,7 +259,9 @@ def test_file_layouts(tmp_path: Path) -> None:
         pretraining_files(str(parts), "train", rank=0, distributed=True)
 
 
-def test_bad_caption_json_is_an_error_naming_the_file(data_dir: Path, tokenizer: BertTokenizer, tmp_path: Path) -> None:
+def test_bad_caption_json_is_an_error_naming_the_file(
+    data_dir: Path, tokenizer: BertTokenizer, tmp_path: Path
+) -> None:
     lmdb_path = str(data_dir / "training_feat_all.lmdb")
     empty = tmp_path / "caption_empty.json"
     empty.write_text("{}")

@@ -92,7 +92,9 @@ def test_bert_masking_is_15_percent_with_80_10_10() -> None:
     ids, labels = _draws(bert_mask_tokens, tokens, seed=4)
     target = labels != IGNORE_INDEX
     originals = np.broadcast_to(tokens, ids.shape)
-    assert np.array_equal(ids[~target], originals[~target]) and np.array_equal(labels[target], originals[target])
+    assert np.array_equal(ids[~target], originals[~target]) and np.array_equal(
+        labels[target], originals[target]
+    )
     assert abs(target.mean() - 0.15) < 0.005
     masked, random, kept = _split_fractions(ids[target], originals[target])
     assert abs(masked - 0.8) < 0.015 and abs(random - 0.1) < 0.015 and abs(kept - 0.1) < 0.015
@@ -196,7 +198,9 @@ def test_samples_label_specials_and_padding_ignored_and_global_region_is_masked_
     rng = np.random.default_rng(8)
     captions = {str(i): f"a {'big ' * (i % 7)}dog sits on the red sofa number {i}" for i in range(10)}
     points = [_datapoint(rng, i, 3 + 3 * i, captions[str(i)]) for i in range(10)]
-    builder = PretrainingSampleBuilder(tokenizer, captions, max_seq_length=14, region_len=20, span_mask=span_mask)
+    builder = PretrainingSampleBuilder(
+        tokenizer, captions, max_seq_length=14, region_len=20, span_mask=span_mask
+    )
     any_region_masked = False
     for step in range(30):
         samples = [builder.build(p, np.random.default_rng([step, i])) for i, p in enumerate(points)]
@@ -215,12 +219,14 @@ def test_samples_label_specials_and_padding_ignored_and_global_region_is_masked_
         assert np.all(batch["image_label"][~real] == IGNORE_INDEX)
         assert batch["image_label"].shape[1] == feat.shape[1] - 1, "the global region has no label"
         zeroed = ~feat[:, 1:].any(axis=2) & real
-        assert np.array_equal(zeroed, batch["image_label"] == 1) if span_mask else np.all(
-            batch["image_label"][zeroed] == 1
-        )
+        if span_mask:
+            assert np.array_equal(zeroed, batch["image_label"] == 1)
+        else:
+            assert np.all(batch["image_label"][zeroed] == 1)
         any_region_masked |= bool(zeroed.any())
         counts = real.sum(axis=1)
-        np.testing.assert_allclose(feat[:, 0], feat[:, 1:].sum(axis=1) / counts[:, None], rtol=1e-5, atol=1e-5)
+        mean = feat[:, 1:].sum(axis=1) / counts[:, None]
+        np.testing.assert_allclose(feat[:, 0], mean, rtol=1e-5, atol=1e-5)
         assert np.all(feat[:, 0].any(axis=1)), "the global region is never zeroed"
         np.testing.assert_array_equal(batch["image_loc"][:, 0], [[0, 0, 1, 1, 1]] * len(samples))
     assert any_region_masked

@@ -3,8 +3,10 @@
 Per sample: an ITM pair (the image's caption or, w.p. ``itm_prob``, the caption of another image),
 masked segment modelling on the caption, masked region modelling on the regions, and the global
 region (mean of the real regions *after* masking, so masked content does not leak through it).
-Samples are left unpadded; :func:`collate_pretraining` pads a batch to its own longest caption and
-region count (dynamic padding) or to the configured maxima.
+Samples are unpadded and carry the regions as the original features plus the MRM decision;
+:func:`collate_pretraining` applies the zeroing and the global region while writing the padded
+batch (one copy of the features, not two), padding to the batch's own longest caption and region
+count (dynamic padding) or to the configured maxima.
 
 Randomness: every sample draws from its own generator seeded by ``(seed, rank, epoch, index)``.
 That makes masks reproducible, different across ranks (per-rank part files reuse indices) and
@@ -186,11 +188,9 @@ class PretrainingSampleBuilder:
         (``region_zeroed``) rather than as a masked copy: :func:`collate_pretraining` applies the
         zeroing and computes the global region while writing into the batch, so the 2048-d features
         are copied once per sample instead of twice."""
-        num_boxes = int(datapoint.num_boxes)
-        if num_boxes < 1 or len(datapoint.features) < num_boxes:
-            raise ValueError(
-                f"image {datapoint.image_id!r}: num_boxes={num_boxes} but {len(datapoint.features)} feature rows"
-            )
+        num_boxes, rows = int(datapoint.num_boxes), len(datapoint.features)
+        if num_boxes < 1 or rows < num_boxes:
+            raise ValueError(f"image {datapoint.image_id!r}: num_boxes={num_boxes} with {rows} feature rows")
         n = min(num_boxes, self.region_len)
         features = datapoint.features[:n]
         image_w, image_h = float(datapoint.image_w), float(datapoint.image_h)
@@ -297,7 +297,7 @@ def _float_batch(shape: tuple[int, int, int], in_worker: bool) -> torch.Tensor:
     there with one more copy of the largest arrays of the batch."""
     if not in_worker:
         return torch.empty(shape, dtype=torch.float32)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)  # the call default_collate makes
     return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
 
 
