@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,7 +36,13 @@ from vilbert.distributed import (
 )
 from vilbert.engine import Optimization
 from vilbert.modeling import InterBertForMultiModalPreTraining
-from vilbert.optimization import OPTIMIZERS, build_optimizer, freeze_layers, num_optimization_steps, warmup_linear
+from vilbert.optimization import (
+    OPTIMIZERS,
+    build_optimizer,
+    freeze_layers,
+    num_optimization_steps,
+    warmup_linear,
+)
 from vilbert.precision import Precision
 from vilbert.run_folder import RunFolder
 from vilbert.run_logging import RunLogger
@@ -57,19 +64,29 @@ BERT_PREFIXES = ("bert.embeddings.", "bert.encoder.layer.")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Pretrain InterBERT on Conceptual Captions (MSM + MRM + ITM).")
-    p.add_argument("--train_data_dir", default="", help="folder with training_feat_all.lmdb + caption_train.json")
+    p.add_argument(
+        "--train_data_dir", default="", help="folder with training_feat_all.lmdb + caption_train.json"
+    )
     p.add_argument("--val_data_dir", default="", help="folder with validation_all.lmdb + caption_val.json")
-    p.add_argument("--from_pretrained", default="", help="weights to start from (BERT or InterBERT); empty = random")
+    p.add_argument(
+        "--from_pretrained", default="", help="weights to start from (BERT or InterBERT); empty = random"
+    )
     p.add_argument("--bert_model", default="bert-base-uncased", help="vocab.txt or a folder holding it")
     p.add_argument("--output_dir", default="save", help="runs go to OUTPUT_DIR/SAVE_NAME")
     p.add_argument("--config_file", default="config/bert_base_6layer_interbert.json")
     p.add_argument("--max_seq_length", default=36, type=int)
-    p.add_argument("--predict_feature", action="store_true", help="regress region features instead of classes")
+    p.add_argument(
+        "--predict_feature", action="store_true", help="regress region features instead of classes"
+    )
     p.add_argument("--train_batch_size", default=512, type=int, help="per process, per optimiser step")
     p.add_argument("--learning_rate", default=1e-4, type=float)
     p.add_argument("--num_train_epochs", default=10.0, type=float)
-    p.add_argument("--start_epoch", default=0, type=float, help="with --continue_training: first epoch to run")
-    p.add_argument("--continue_training", action="store_true", help="load FROM_PRETRAINED/pytorch_model_{K-1}.bin")
+    p.add_argument(
+        "--start_epoch", default=0, type=float, help="with --continue_training: first epoch to run"
+    )
+    p.add_argument(
+        "--continue_training", action="store_true", help="load FROM_PRETRAINED/pytorch_model_{K-1}.bin"
+    )
     p.add_argument("--warmup_proportion", default=0.1, type=float)
     p.add_argument("--img_weight", default=1, type=float)
     p.add_argument("--itm_weight", default=1, type=float)
@@ -84,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_workers", type=int, default=3)
     p.add_argument("--save_name", default="", type=str)
     p.add_argument("--freeze", default=-1, type=int, help="freeze embeddings and encoder layers <= K")
-    p.add_argument("--distributed", action="store_true", help="use training_feat_part_{rank}.lmdb when present")
+    p.add_argument(
+        "--distributed", action="store_true", help="use training_feat_part_{rank}.lmdb when present"
+    )
     p.add_argument("--without_coattention", action="store_true", help="zero the ITM loss (published meaning)")
     p.add_argument("--span_mask", action="store_true", help="span masking (MSM) and group masking (MRM)")
     p.add_argument("--cond_mask", action="store_true", help="not supported (rejected with a message)")
@@ -93,10 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--bf16", action="store_true", help="autocast bfloat16")
     new.add_argument("--optimizer", default="AdamW", choices=OPTIMIZERS)
     new.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
-    new.add_argument("--bert_lr_factor", type=float, default=0.1,
-                     help="lr factor of BERT-initialised layers when --from_pretrained is given (published 0.1)")
-    new.add_argument("--resume", nargs="?", const="auto", default=None,
-                     help="resume from the run folder's training state (default when it exists) or PATH")
+    new.add_argument(
+        "--bert_lr_factor",
+        type=float,
+        default=0.1,
+        help="lr factor of BERT-initialised layers when --from_pretrained is given (published 0.1)",
+    )
+    new.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="resume from the run folder's training state (default when it exists) or PATH",
+    )
     new.add_argument("--save_every_steps", type=int, default=1000, help="resumable state every N steps")
     new.add_argument("--max_bad_steps", type=int, default=20, help="abort after N non-finite steps in a row")
     new.add_argument("--log_every", type=int, default=20)
@@ -104,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--region_len", type=int, default=36, help="regions per image (plus the global one)")
     new.add_argument("--no_dynamic_padding", action="store_true", help="pad every batch to the maxima")
     new.add_argument("--compile", action="store_true", help="torch.compile the model")
-    new.add_argument("--deterministic", action="store_true", help="deterministic kernels (for exact resume tests)")
+    new.add_argument(
+        "--deterministic", action="store_true", help="deterministic kernels (for exact resume tests)"
+    )
     return p
 
 
@@ -149,7 +179,9 @@ def build_data(args: argparse.Namespace, ctx: DistContext, tokenizer: BertTokeni
     distributed = ctx.world_size > 1
 
     def dataset(split: str, data_dir: str) -> tuple[ConceptCapDataset, bool]:
-        files = pretraining_files(data_dir, split, rank=ctx.rank, distributed=distributed and args.distributed)
+        files = pretraining_files(
+            data_dir, split, rank=ctx.rank, distributed=distributed and args.distributed
+        )
         data = ConceptCapDataset(
             files.lmdb_path,
             files.caption_json,
@@ -195,7 +227,11 @@ def optimizer_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[d
         is_bert = name.startswith(BERT_PREFIXES) and factor != 1.0
         group = groups.setdefault(
             (no_decay, is_bert),
-            {"params": [], "weight_decay": 0.0 if no_decay else 0.01, "lr": args.learning_rate * (factor if is_bert else 1)},
+            {
+                "params": [],
+                "weight_decay": 0.0 if no_decay else 0.01,
+                "lr": args.learning_rate * (factor if is_bert else 1),
+            },
         )
         group["params"].append(param)
     return list(groups.values())
@@ -241,10 +277,19 @@ def validate(model, loader, args, ctx: DistContext, precision: Precision) -> dic
     return {name: value / count for name, value in totals.items()}
 
 
+# Bad input the user can fix (paths, run folders, configs, checkpoints, data files): reported in one
+# line, like an argparse error, instead of a traceback from wherever it was detected.
+USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
+
+
 def run(args: argparse.Namespace) -> None:
-    ctx = init_distributed(args.local_rank, args.no_cuda)
+    """Train; a ``USER_ERRORS`` exception becomes ``<script>: error: MESSAGE`` on stderr, exit code 2."""
     try:
+        ctx = init_distributed(args.local_rank, args.no_cuda)
         train(args, ctx)
+    except USER_ERRORS as error:
+        print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         cleanup()
 
@@ -273,7 +318,9 @@ def train(args: argparse.Namespace, ctx: DistContext) -> None:
     if args.compile:
         model = torch.compile(model)
     if ctx.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+        model = DistributedDataParallel(
+            model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
+        )
     optimizer = build_optimizer(args.optimizer, groups, args.learning_rate)
     epochs = int(args.num_train_epochs)
     steps_per_epoch = num_optimization_steps(len(data.train_loader), 1, args.gradient_accumulation_steps)
@@ -281,7 +328,9 @@ def train(args: argparse.Namespace, ctx: DistContext) -> None:
     scheduler = warmup_linear(optimizer, int(args.warmup_proportion * total_steps), total_steps)
     precision = Precision.from_flags(args.fp16, args.bf16, ctx.device, args.loss_scale)
     scaler = precision.make_scaler()
-    step = Optimization(model, optimizer, scheduler, scaler, NonFiniteGuard(args.max_bad_steps), args.max_grad_norm)
+    step = Optimization(
+        model, optimizer, scheduler, scaler, NonFiniteGuard(args.max_bad_steps), args.max_grad_norm
+    )
 
     state = TrainingState(epoch=int(args.start_epoch) if args.continue_training else 0)
     if resume is not None:
@@ -289,23 +338,32 @@ def train(args: argparse.Namespace, ctx: DistContext) -> None:
     elif args.continue_training:
         for _ in range(state.epoch * steps_per_epoch):
             scheduler.step()
-        logger.info("--continue_training: epoch %d, schedule at step %d (fresh optimiser moments)",
-                    state.epoch, state.epoch * steps_per_epoch)
+        logger.info(
+            "--continue_training: epoch %d, schedule at step %d (fresh optimiser moments)",
+            state.epoch,
+            state.epoch * steps_per_epoch,
+        )
     step.guard.bad_steps, step.guard.skipped_steps = state.bad_steps, state.skipped_steps
     folder.write_run_info(args, config)
     log = RunLogger(os.path.join(folder.path, "logs"), ctx.is_main, args.log_every, args.quiet)
     if ctx.is_main:
         logger.info(
             "pretraining: %d samples/rank/epoch, %d ranks, batch %d x %d accumulation, %d steps, run %s",
-            len(data.train_loader.batch_sampler.sampler), ctx.world_size, micro_batch, args.gradient_accumulation_steps,
-            total_steps, folder.path,
+            len(data.train_loader.batch_sampler.sampler),
+            ctx.world_size,
+            micro_batch,
+            args.gradient_accumulation_steps,
+            total_steps,
+            folder.path,
         )
 
     def save_state() -> None:
         state.bad_steps, state.skipped_steps = step.guard.bad_steps, step.guard.skipped_steps
         rng = gather_to_main(capture_rng_state())
         if ctx.is_main:
-            save_training_state(folder.state_path, model, optimizer, scheduler, scaler, None, state, rng_states=rng)
+            save_training_state(
+                folder.state_path, model, optimizer, scheduler, scaler, None, state, rng_states=rng
+            )
         barrier()
 
     model.train()
@@ -317,7 +375,9 @@ def train(args: argparse.Namespace, ctx: DistContext) -> None:
             )
             batches = len(data.train_loader)
             log.start_epoch(state.epoch, steps_per_epoch, state.step_in_epoch)
-            for index, batch in enumerate(data.train_loader, start=state.step_in_epoch * args.gradient_accumulation_steps):
+            for index, batch in enumerate(
+                data.train_loader, start=state.step_in_epoch * args.gradient_accumulation_steps
+            ):
                 will_step = (index + 1) % args.gradient_accumulation_steps == 0 or index + 1 == batches
                 with step.micro_step(will_step):
                     with precision.autocast():
@@ -328,12 +388,19 @@ def train(args: argparse.Namespace, ctx: DistContext) -> None:
                 step.step()
                 state.global_step += 1
                 state.step_in_epoch += 1
-                log.step(state.global_step, parts, step.learning_rate(),
-                         batch["input_ids"].shape[0] * ctx.world_size * args.gradient_accumulation_steps)
+                log.step(
+                    state.global_step,
+                    parts,
+                    step.learning_rate(),
+                    batch["input_ids"].shape[0] * ctx.world_size * args.gradient_accumulation_steps,
+                )
                 if stop.should_stop():
                     save_state()
-                    logger.warning("stop requested (signal %s): state saved to %s; rerun the same command to "
-                                   "resume", stop.signal_number, folder.state_path)
+                    logger.warning(
+                        "stop requested (signal %s): state saved to %s; rerun the same command to resume",
+                        stop.signal_number,
+                        folder.state_path,
+                    )
                     log.close()
                     return
                 if args.save_every_steps and state.global_step % args.save_every_steps == 0:
@@ -341,8 +408,11 @@ def train(args: argparse.Namespace, ctx: DistContext) -> None:
             log.end_epoch()
             metrics = validate(model, data.val_loader, args, ctx, precision)
             if ctx.is_main:
-                logger.info("epoch %d validation: %s", state.epoch,
-                            " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                logger.info(
+                    "epoch %d validation: %s",
+                    state.epoch,
+                    " ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                )
                 log.scalars("val", metrics, state.epoch)
                 save_state_dict(model, folder.weights_path(state.epoch))
             state.epoch += 1

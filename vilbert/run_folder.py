@@ -29,7 +29,9 @@ STATE_FILE = "training_state.pt"
 
 def _run_name(save_name: str) -> str:
     """``save_name``, or the published timestamp + random suffix, agreed by every rank."""
-    name = save_name or time.strftime("%d-%b-%y-%H-%M-%S", time.gmtime()) + f"_{random.randint(0, 999999):06d}"
+    name = (
+        save_name or time.strftime("%d-%b-%y-%H-%M-%S", time.gmtime()) + f"_{random.randint(0, 999999):06d}"
+    )
     if is_initialized():
         holder = [name]
         dist.broadcast_object_list(holder, src=0)
