@@ -345,7 +345,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> None:
         )
     step.guard.bad_steps, step.guard.skipped_steps = state.bad_steps, state.skipped_steps
     folder.write_run_info(args, config)
-    log = RunLogger(os.path.join(folder.path, "logs"), ctx.is_main, args.log_every, args.quiet)
+    log = RunLogger(folder.path, ctx.is_main, args.log_every, args.quiet)
     if ctx.is_main:
         logger.info(
             "pretraining: %d samples/rank/epoch, %d ranks, batch %d x %d accumulation, %d steps, run %s",

@@ -1,11 +1,14 @@
-"""What a training run tells its user: a progress bar, periodic log lines, TensorBoard events.
+"""What a training run tells its user: a progress bar, periodic log lines, TensorBoard events,
+and ``history.jsonl`` (one JSON object per log line or validation, for plots and scripts).
 
 Only the main process logs; every method is a no-op elsewhere, so loops need no rank checks.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -19,15 +22,17 @@ logger = logging.getLogger(__name__)
 class RunLogger:
     """Rank-0 reporting; ``log_every`` optimiser steps a line with losses, lr and samples/s."""
 
-    def __init__(self, log_dir: str | None, enabled: bool, log_every: int = 20, quiet: bool = False) -> None:
+    def __init__(self, run_dir: str | None, enabled: bool, log_every: int = 20, quiet: bool = False) -> None:
         self.enabled = enabled
         self.log_every = max(1, log_every)
         self.show_bar = enabled and not quiet and sys.stderr.isatty()
         self.writer = None
-        if enabled and log_dir is not None:
+        self.history_path = None
+        if enabled and run_dir is not None:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=log_dir)
+            self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "logs"))
+            self.history_path = os.path.join(run_dir, "history.jsonl")
         self._sums: dict[str, torch.Tensor | float] = {}
         self._count = 0
         self._samples = 0
@@ -82,6 +87,10 @@ class RunLogger:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
+        if self.history_path is not None:
+            record = {"split": prefix, "step": step, **{name: float(value) for name, value in values.items()}}
+            with open(self.history_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         self.end_epoch()
