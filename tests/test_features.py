@@ -21,7 +21,7 @@ from vilbert.datasets.features import (
     write_pretraining_lmdb,
     write_region_features,
 )
-from vilbert.datasets.jsonl import JSONLinesError, read_jsonl, write_jsonl
+from vilbert.datasets.jsonl import JSONLinesError, read_jsonl, read_jsonl_records, write_jsonl
 from vilbert.datasets.lmdb_writer import AtomicLMDBWriter
 from vilbert.datasets.serialization import (
     UnsafePickleError,
@@ -341,6 +341,9 @@ def test_read_jsonl_skips_blank_lines_and_names_bad_lines(tmp_path):
     with open(good, "a") as f:
         f.write("\n   \n")
     assert read_jsonl(good) == [{"a": 1}, {"b": [2, 3]}]
+    spaced = tmp_path / "spaced.jsonl"
+    spaced.write_text('\n{"a": 1}\n\n{"b": 2}\n')
+    assert read_jsonl_records(str(spaced)) == [(2, {"a": 1}), (4, {"b": 2})]
 
     bad = tmp_path / "bad.jsonline"
     bad.write_text('{"a": 1}\n\n{"b": oops}\n')

@@ -11,8 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from vilbert.datasets.features import MissingImageError, RegionFeatureStore, write_region_features
+from vilbert.datasets.hard_negatives import flickr_image_id, hard_negatives_from_annotations
+from vilbert.datasets.jsonl import AnnotationError
 from vilbert.datasets.retrieval import (
-    AnnotationError,
     RetrievalEvalDataset,
     RetrievalTrainDataset,
     collate_retrieval,
@@ -346,6 +347,22 @@ def test_malformed_annotation_lines_name_file_and_line(tmp_path, tokenizer, worl
         path.write_text(good + "\n\n" + line + "\n")  # the blank line makes record 2 sit on line 3
         with pytest.raises(AnnotationError, match=rf"{path}:3: .*{message}"):
             RetrievalEvalDataset(str(path), features, tokenizer)
+
+
+def test_image_id_is_the_integer_stem_of_img_path(tmp_path):
+    assert flickr_image_id({"img_path": "flickr30k-images/1000092795.jpg"}) == 1000092795
+    for record, message in (
+        ({}, "'img_path'"),
+        ({"img_path": 12}, "non-string field 'img_path'"),
+        ({"img_path": "-5.jpg"}, "integer image id"),
+    ):
+        with pytest.raises(AnnotationError, match=message):
+            flickr_image_id(record)
+    # The hard-negative tool reads the ids with the same parser and locates the bad line.
+    path = tmp_path / "train.jsonline"
+    path.write_text(json.dumps({"img_path": "1.jpg"}) + "\n\n" + json.dumps({"img_path": "x.jpg"}) + "\n")
+    with pytest.raises(AnnotationError, match=rf"{path}:3: 'img_path' 'x.jpg' does not name"):
+        hard_negatives_from_annotations(str(tmp_path / "absent.lmdb"), str(path), str(tmp_path / "pool.pkl"))
 
 
 def test_bad_hard_negative_pools(tmp_path, world, tokenizer):

@@ -15,7 +15,7 @@ from vilbert.datasets.features import (
     RegionFeatureStore,
     write_region_features,
 )
-from vilbert.datasets.retrieval import AnnotationError
+from vilbert.datasets.jsonl import AnnotationError
 from vilbert.datasets.vcr import (
     VCRDataset,
     collate_vcr,

@@ -5,6 +5,7 @@ largest task's iterations × ``--num_train_epochs``; a task whose iterations × 
 are fewer starts later, so all tasks end together; each task's loss is scaled by its YAML ``lr``
 over the smallest one. Validation runs on the EMA weights when ``--use_ema`` is given.
 The optimisation step, precision, run folder, resume and logging are the pretraining ones.
+Each epoch's validation metrics and the best epoch so far go to ``metrics.json`` in the run folder.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from vilbert.atomic import atomic_torch_save
+from vilbert.atomic import atomic_torch_save, atomic_write_json
 from vilbert.checkpoint import save_state_dict
+from vilbert.cli import run_script
 from vilbert.config import BertConfig
 from vilbert.datasets.loader import make_loader
 from vilbert.distributed import (
@@ -28,9 +32,7 @@ from vilbert.distributed import (
     add_local_rank_args,
     all_reduce_sum,
     barrier,
-    cleanup,
     gather_to_main,
-    init_distributed,
 )
 from vilbert.ema import ExponentialMovingAverage
 from vilbert.engine import Optimization
@@ -46,7 +48,15 @@ from vilbert.precision import Precision
 from vilbert.pretraining import seed_everything
 from vilbert.run_folder import RunFolder
 from vilbert.run_logging import RunLogger
-from vilbert.tasks import TASKS, FeatureStores, TaskConfig, batch_to_device, load_task_configs, select_tasks
+from vilbert.tasks import (
+    TASKS,
+    FeatureStores,
+    TaskConfig,
+    TaskOutput,
+    batch_to_device,
+    load_task_configs,
+    select_tasks,
+)
 from vilbert.tokenization import BertTokenizer
 from vilbert.training_state import (
     GracefulStop,
@@ -58,6 +68,8 @@ from vilbert.training_state import (
 )
 
 logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,21 +146,42 @@ class TaskRun:
         """The task's next batch; its data restarts (next epoch of its own) when exhausted."""
         per_epoch = len(self.train_loader)
         if self._iterator is None or self.consumed % per_epoch == 0:
-            epoch, done = divmod(self.consumed, per_epoch)
-            self.train_loader.dataset.set_epoch(epoch)
-            self.train_loader.batch_sampler.set_epoch(epoch, skip=done)
+            self._start_epoch(*divmod(self.consumed, per_epoch))
             self._iterator = iter(self.train_loader)
         self.consumed += 1
         return next(self._iterator)
 
     def restart_at(self, consumed: int) -> None:
         """Resume: continue the task's data where it stopped."""
-        per_epoch = len(self.train_loader)
         self.consumed = consumed
-        epoch, done = divmod(consumed, per_epoch)
-        self.train_loader.dataset.set_epoch(epoch)
-        self.train_loader.batch_sampler.set_epoch(epoch, skip=done)
+        epoch, done = divmod(consumed, len(self.train_loader))
+        self._start_epoch(epoch, done)
         self._iterator = iter(self.train_loader) if done else None
+
+    def _start_epoch(self, epoch: int, skip: int) -> None:
+        """Order (and, for datasets that draw per epoch, samples) of the task's ``epoch``, ``skip``
+        batches in. VCR draws nothing per epoch (its names are fixed per question), so it has no
+        ``set_epoch``; retrieval redraws its negatives every epoch."""
+        if hasattr(self.train_loader.dataset, "set_epoch"):
+            self.train_loader.dataset.set_epoch(epoch)
+        self.train_loader.batch_sampler.set_epoch(epoch, skip=skip)
+
+
+class TaskModel(nn.Module):
+    """The model with a task's forward, loss included, as its ``forward``: what DDP wraps.
+
+    With ``find_unused_parameters`` DDP follows the autograd graph back from the tensors ``forward``
+    returns. The bare model returns every head, also those the task's loss ignores (retrieval leaves
+    ``vil_logit`` unused, VCR the ITM head), and DDP would then wait for their gradients forever.
+    The model sits in ``module``, so ``unwrap_model`` finds it under this wrapper as under DDP.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, task: str, batch: dict[str, Any]) -> TaskOutput:
+        return TASKS[task].forward(self.module, batch)
 
 
 def per_process_batch(task: TaskConfig, accumulation: int, world_size: int) -> int:
@@ -161,10 +194,30 @@ def per_process_batch(task: TaskConfig, accumulation: int, world_size: int) -> i
     return task.batch_size // (accumulation * world_size)
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def loader_workers(requested: int, world_size: int, num_tasks: int) -> int:
+    """Workers of each task's training loader in this process.
+
+    ``--num_workers`` is shared by all ranks and tasks, and capped by the CPUs here: the published
+    ``--num_workers 16`` was sized for an 8-GPU node, and on a small machine it would fork more
+    workers than cores (each holding a copy of the dataset) and only slow the run down.
+    """
+    cpus = available_cpus()
+    if requested > cpus:
+        logger.info("--num_workers %d capped at the %d CPUs available", requested, cpus)
+    return min(requested, cpus) // max(world_size, 1) // num_tasks
+
+
 def build_tasks(args, ctx: DistContext, tokenizer: BertTokenizer) -> list[TaskRun]:
     configs = select_tasks(load_task_configs(args.task_config), args.tasks, args.task_config)
     stores = FeatureStores(in_memory=args.in_memory)
-    workers = max(args.num_workers // max(ctx.world_size, 1) // len(configs), 0)
+    workers = loader_workers(args.num_workers, ctx.world_size, len(configs))
     smallest_lr = min(task.lr for task in configs)
     runs = []
     for task in configs:
@@ -219,14 +272,14 @@ def run_name(args, runs: list[TaskRun]) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    ctx = init_distributed(args.local_rank, args.no_cuda)
-    try:
-        train(args, ctx)
-    finally:
-        cleanup()
+    """The entry point: bad input exits with status 2 and a one-line message (``vilbert.cli``)."""
+    status = run_script(train, args)
+    if status:
+        raise SystemExit(status)
 
 
-def train(args: argparse.Namespace, ctx: DistContext) -> None:
+def train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
+    """Run (or resume) the fine-tuning; returns the content of ``metrics.json``."""
     seed_everything(args.seed + ctx.rank)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -252,10 +305,11 @@ def train(args: argparse.Namespace, ctx: DistContext) -> None:
     ema = ExponentialMovingAverage(model, args.ema_decay_ratio) if args.use_ema else None
     if args.compile:
         model = torch.compile(model)
+    task_model: nn.Module = TaskModel(model)
     if ctx.world_size > 1:
         # Each task uses only some heads, so some parameters get no gradient in a step.
-        model = DistributedDataParallel(
-            model,
+        task_model = DistributedDataParallel(
+            task_model,
             device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
             find_unused_parameters=True,
         )
@@ -267,17 +321,19 @@ def train(args: argparse.Namespace, ctx: DistContext) -> None:
     precision = Precision.from_flags(args.fp16, args.bf16, ctx.device, args.loss_scale)
     scaler = precision.make_scaler()
     step = Optimization(
-        model, optimizer, schedule, scaler, NonFiniteGuard(args.max_bad_steps), args.max_grad_norm, ema
+        task_model, optimizer, schedule, scaler, NonFiniteGuard(args.max_bad_steps), args.max_grad_norm, ema
     )
 
     state = TrainingState()
+    history: list[dict[str, float]] = []  # one entry per validated epoch, for metrics.json
     if resume is not None:
         state = load_training_state(resume, model, optimizer, schedule, scaler, ema, rank=ctx.rank)
         for task_run in runs:
             task_run.restart_at(int(state.extra["consumed"][task_run.name]))
+        history = list(state.extra.get("validation", []))
     step.guard.bad_steps, step.guard.skipped_steps = state.bad_steps, state.skipped_steps
     folder.write_run_info(args, config)
-    log = RunLogger(os.path.join(folder.path, "logs"), ctx.is_main, args.log_every, args.quiet)
+    log = RunLogger(folder.path, ctx.is_main, args.log_every, args.quiet)
     if ctx.is_main:
         for task_run in runs:
             logger.info(
@@ -292,13 +348,21 @@ def train(args: argparse.Namespace, ctx: DistContext) -> None:
 
     def save_state() -> None:
         state.bad_steps, state.skipped_steps = step.guard.bad_steps, step.guard.skipped_steps
-        state.extra = {"consumed": {r.name: r.consumed for r in runs}}
+        state.extra = {"consumed": {r.name: r.consumed for r in runs}, "validation": history}
         rng = gather_to_main(capture_rng_state())
         if ctx.is_main:
             save_training_state(
                 folder.state_path, model, optimizer, schedule, scaler, ema, state, rng_states=rng
             )
         barrier()
+
+    def summary() -> dict[str, Any]:
+        return {
+            "validation": history,
+            "best_epoch": state.best_epoch,
+            "best_score": state.best_score,
+            "weights": "ema" if ema is not None else "raw",
+        }
 
     model.train()
     with GracefulStop() as stop:
@@ -317,7 +381,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> None:
                     batch = batch_to_device(task_run.next_batch(), ctx.device)
                     with step.micro_step(will_step and position == len(active) - 1):
                         with precision.autocast():
-                            out = TASKS[task_run.name].forward(model, batch)
+                            out = task_model(task_run.name, batch)
                         step.backward(out.loss * task_run.loss_scale, 1.0 / accumulation)
                     parts[task_run.name] = out.loss.detach()
                     samples += out.count * ctx.world_size
@@ -334,7 +398,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> None:
                         folder.state_path,
                     )
                     log.close()
-                    return
+                    return summary()
                 if args.save_every_steps and state.global_step % args.save_every_steps == 0:
                     save_state()
             log.end_epoch()
@@ -346,6 +410,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> None:
             schedule.epoch_end(state.epoch, metrics["score"])
             if state.best_score is None or metrics["score"] > state.best_score:
                 state.best_score, state.best_epoch = metrics["score"], state.epoch
+            history.append({"epoch": state.epoch, **metrics})
             if ctx.is_main:
                 logger.info(
                     "epoch %d validation%s: %s (best: epoch %d, %.2f)",
@@ -359,6 +424,8 @@ def train(args: argparse.Namespace, ctx: DistContext) -> None:
                 save_state_dict(model, folder.weights_path(state.epoch))
                 if ema is not None:
                     atomic_torch_save(ema.ema_state_dict(), folder.weights_path(state.epoch, ema=True))
+                # After the weights, so every epoch it lists has its checkpoint on disk.
+                atomic_write_json(os.path.join(folder.path, METRICS_FILE), summary())
             state.epoch += 1
             state.step_in_epoch = 0
             save_state()
@@ -370,6 +437,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> None:
             state.best_score,
             folder.path,
         )
+    return summary()
 
 
 def no_decay(name: str) -> bool:

@@ -12,7 +12,6 @@ import argparse
 import logging
 import os
 import random
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from vilbert.checkpoint import save_state_dict
+from vilbert.cli import run_script
 from vilbert.config import BertConfig
 from vilbert.datasets.concept_cap import ConceptCapDataset, pretraining_files
 from vilbert.datasets.loader import make_loader
@@ -30,9 +30,7 @@ from vilbert.distributed import (
     add_local_rank_args,
     all_reduce_sum,
     barrier,
-    cleanup,
     gather_to_main,
-    init_distributed,
 )
 from vilbert.engine import Optimization
 from vilbert.modeling import InterBertForMultiModalPreTraining
@@ -279,19 +277,11 @@ def validate(model, loader, args, ctx: DistContext, precision: Precision) -> dic
 
 # Bad input the user can fix (paths, run folders, configs, checkpoints, data files): reported in one
 # line, like an argparse error, instead of a traceback from wherever it was detected.
-USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
-
-
 def run(args: argparse.Namespace) -> None:
-    """Train; a ``USER_ERRORS`` exception becomes ``<script>: error: MESSAGE`` on stderr, exit code 2."""
-    try:
-        ctx = init_distributed(args.local_rank, args.no_cuda)
-        train(args, ctx)
-    except USER_ERRORS as error:
-        print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    finally:
-        cleanup()
+    """The entry point: bad input exits with status 2 and a one-line message (``vilbert.cli``)."""
+    status = run_script(train, args)
+    if status:
+        raise SystemExit(status)
 
 
 def train(args: argparse.Namespace, ctx: DistContext) -> None:

@@ -180,6 +180,10 @@ def load_training_state(
     return state
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss was NaN/inf for ``max_bad_steps`` optimiser steps in a row."""
+
+
 class NonFiniteGuard:
     """Skip optimiser steps whose loss is NaN/inf; abort after `max_bad_steps` of them in a row.
 
@@ -206,7 +210,7 @@ class NonFiniteGuard:
         self.bad_steps += 1
         self.skipped_steps += 1
         if self.bad_steps >= self.max_bad_steps:
-            raise RuntimeError(
+            raise NonFiniteLossError(
                 f"loss was NaN/inf for {self.bad_steps} optimiser steps in a row "
                 f"(limit {self.max_bad_steps}); stopping. Lower the learning rate, check the data, "
                 "or resume from the last checkpoint"

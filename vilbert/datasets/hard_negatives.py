@@ -18,14 +18,24 @@ from typing import Any
 import numpy as np
 
 from vilbert.datasets.features import RegionFeatureStore
-from vilbert.datasets.jsonl import read_jsonl
+from vilbert.datasets.jsonl import AnnotationError, read_jsonl_records
 
 logger = logging.getLogger(__name__)
 
 
 def flickr_image_id(annotation: Mapping[str, Any]) -> int:
-    """Flickr30K's image id: the integer stem of ``img_path`` (``"1000092795.jpg"`` → 1000092795)."""
-    return int(os.path.splitext(os.path.basename(annotation["img_path"]))[0])
+    """Flickr30K's image id: the integer stem of ``img_path`` (``"1000092795.jpg"`` → 1000092795).
+
+    A missing or malformed ``img_path`` is an :class:`AnnotationError` saying what is wrong; the
+    caller, which knows the file and line, puts them in front.
+    """
+    img_path = annotation.get("img_path")
+    if not isinstance(img_path, str):
+        raise AnnotationError("missing or non-string field 'img_path'")
+    stem = os.path.splitext(os.path.basename(img_path))[0]
+    if not stem.isdigit():
+        raise AnnotationError(f"'img_path' {img_path!r} does not name an integer image id")
+    return int(stem)
 
 
 def global_features(store: RegionFeatureStore, image_ids: Sequence[int | str]) -> np.ndarray:
@@ -85,13 +95,11 @@ def hard_negatives_from_annotations(
 ) -> tuple[list[int], np.ndarray]:
     """Build and write ``hard_negative.pkl`` for the images of a Flickr30K ``.jsonline`` file."""
     image_ids: list[int] = []
-    for number, annotation in enumerate(read_jsonl(annotations_path), start=1):
+    for lineno, annotation in read_jsonl_records(annotations_path):
         try:
             image_ids.append(flickr_image_id(annotation))
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(
-                f"{annotations_path}: annotation {number} has no img_path like '123.jpg'"
-            ) from None
+        except AnnotationError as err:
+            raise AnnotationError(f"{annotations_path}:{lineno}: {err}") from None
     image_ids = list(dict.fromkeys(image_ids))
     pool = build_hard_negative_pool(RegionFeatureStore(features_path), image_ids, pool_size, chunk)
     write_hard_negatives(output_path, image_ids, pool)

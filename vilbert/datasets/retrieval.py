@@ -27,7 +27,8 @@ from torch.utils.data import Dataset
 
 from vilbert.atomic import atomic_write
 from vilbert.datasets.features import MissingImageError, RegionFeatures, RegionFeatureStore
-from vilbert.datasets.jsonl import read_jsonl
+from vilbert.datasets.hard_negatives import flickr_image_id
+from vilbert.datasets.jsonl import AnnotationError, read_jsonl_records
 from vilbert.datasets.serialization import safe_pickle_loads
 from vilbert.tokenization import BertTokenizer
 
@@ -36,23 +37,6 @@ logger = logging.getLogger(__name__)
 NUM_CANDIDATES = 4
 MATCH, MISMATCH = 0, 1
 _CAPTION_CACHE_VERSION = 1
-
-
-class AnnotationError(ValueError):
-    """An annotation file or hard-negative pool whose content is not what the task expects."""
-
-
-def record_line(path: str, record_index: int) -> int:
-    """1-based line of the ``record_index``-th record of a JSON-lines file (``read_jsonl`` skips blank
-    lines, so the record index alone does not name the line). Only called to word an error."""
-    seen = -1
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                seen += 1
-                if seen == record_index:
-                    return lineno
-    return record_index + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,41 +63,29 @@ class RetrievalAnnotations:
         return len(self.captions)
 
 
-def _parse_image_id(record: dict[str, Any]) -> int | str:
-    """The integer stem of ``img_path``, or a string saying what is wrong with it."""
-    img_path = record.get("img_path")
-    if not isinstance(img_path, str):
-        return "missing or non-string field 'img_path'"
-    stem = os.path.splitext(os.path.basename(img_path))[0]
-    if not stem.isdigit():
-        return f"'img_path' {img_path!r} does not name an integer image id"
-    return int(stem)
-
-
 def load_retrieval_annotations(path: str) -> RetrievalAnnotations:
     """Read ``{"sentences": [...], "img_path": "N.jpg"}`` lines (one image per line)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"retrieval annotations not found: {path}")
     image_ids: list[int] = []
-    first_record: dict[int, int] = {}
+    first_line: dict[int, int] = {}
     captions: list[str] = []
     owners: list[int] = []
     starts = [0]
-    for k, record in enumerate(read_jsonl(path)):
-        image_id = _parse_image_id(record)
+    for lineno, record in read_jsonl_records(path):
+        try:
+            image_id = flickr_image_id(record)
+        except AnnotationError as err:
+            raise AnnotationError(f"{path}:{lineno}: {err}") from None
         sentences = record.get("sentences")
-        problem = image_id if isinstance(image_id, str) else None
-        if problem is None and (
-            not isinstance(sentences, list) or not sentences or not all(isinstance(s, str) for s in sentences)
-        ):
+        problem = None
+        if not isinstance(sentences, list) or not sentences or not all(isinstance(s, str) for s in sentences):
             problem = "field 'sentences' must be a non-empty list of strings"
-        if problem is None and image_id in first_record:
-            problem = (
-                f"image {image_id} is already listed at line {record_line(path, first_record[image_id])}"
-            )
+        elif image_id in first_line:
+            problem = f"image {image_id} is already listed at line {first_line[image_id]}"
         if problem is not None:
-            raise AnnotationError(f"{path}:{record_line(path, k)}: {problem}")
-        first_record[image_id] = k
+            raise AnnotationError(f"{path}:{lineno}: {problem}")
+        first_line[image_id] = lineno
         owners.extend([len(image_ids)] * len(sentences))
         image_ids.append(image_id)
         captions.extend(sentences)

@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import Dataset
 
 from vilbert.datasets.features import RegionFeatures, RegionFeatureStore
-from vilbert.datasets.jsonl import read_jsonl
-from vilbert.datasets.retrieval import AnnotationError, check_images_present, record_line
+from vilbert.datasets.jsonl import AnnotationError, read_jsonl_records
+from vilbert.datasets.retrieval import check_images_present
 from vilbert.tokenization import BertTokenizer
 
 logger = logging.getLogger(__name__)
@@ -144,10 +144,10 @@ def load_vcr_annotations(path: str, task: str, labelled: bool) -> list[VCRExampl
     if labelled:
         labels = ("answer_label",) if task == "VCR_Q-A" else ("answer_label", "rationale_label")
     examples = []
-    for k, record in enumerate(read_jsonl(path)):
+    for lineno, record in read_jsonl_records(path):
         example = _parse_example(record, labels)
         if isinstance(example, str):
-            raise AnnotationError(f"{path}:{record_line(path, k)}: {example}")
+            raise AnnotationError(f"{path}:{lineno}: {example}")
         examples.append(example)
     if not examples:
         raise AnnotationError(f"{path}: no annotations")
