@@ -37,14 +37,14 @@ class DemoSettings:
 
     seed: int = 0
     world: SyntheticWorldConfig = field(default_factory=SyntheticWorldConfig)
-    config_file: str = os.path.join(ROOT, "config", "interbert_tiny.json")
+    config_file: str = os.path.join(ROOT, "config", "interbert_demo.json")
     init_from_minilm: bool = False
-    pretrain_epochs: int = 12
+    pretrain_epochs: int = 10
     pretrain_batch: int = 64
     pretrain_lr: float = 2e-3
     max_seq_length: int = 24
-    finetune_epochs: int = 6
-    finetune_lr: float = 5e-4
+    finetune_epochs: int = 8
+    finetune_lr: float = 1e-3
     ema_decay: float = 0.99
     eval_batch: int = 100
 
@@ -74,7 +74,7 @@ class DemoSettings:
             settings.pretrain_lr = 1e-4
             settings.finetune_lr = 5e-5
         if quick:
-            settings.pretrain_epochs, settings.finetune_epochs = 4, 3
+            settings.pretrain_epochs, settings.finetune_epochs = 4, 4
         return settings
 
 
