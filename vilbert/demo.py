@@ -43,7 +43,7 @@ class DemoSettings:
     pretrain_batch: int = 64
     pretrain_lr: float = 2e-3
     max_seq_length: int = 24
-    finetune_epochs: int = 8
+    finetune_epochs: int = 6
     finetune_lr: float = 1e-3
     ema_decay: float = 0.99
     eval_batch: int = 100
