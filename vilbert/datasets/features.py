@@ -15,13 +15,12 @@ import os
 import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Literal
 
 import lmdb
 import numpy as np
 
-from vilbert.datasets.lmdb_writer import AtomicLMDBWriter
+from vilbert.datasets.lmdb_writer import AtomicLMDBWriter, CommitOrAbort
 from vilbert.datasets.serialization import (
     UnsafePickleError,
     loads_tensorpack_value,
@@ -263,7 +262,7 @@ def _plain_image_id(image_id: Any) -> int | str:
     return str(image_id)
 
 
-class RegionFeatureWriter:
+class RegionFeatureWriter(CommitOrAbort):
     """Writes the §1 format record by record (a directory LMDB; ``keys`` written last, at commit)."""
 
     def __init__(self, path: str, overwrite: bool = False) -> None:
@@ -304,17 +303,6 @@ class RegionFeatureWriter:
 
     def abort(self) -> None:
         self._writer.abort()
-
-    def __enter__(self) -> RegionFeatureWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
 
 def write_region_features(path: str, records: Iterable[Mapping[str, Any]], overwrite: bool = False) -> int:
@@ -416,7 +404,7 @@ class PretrainingLMDB(_LazyLMDB):
 Serializer = Literal["msgpack", "pickle"]
 
 
-class PretrainingLMDBWriter:
+class PretrainingLMDBWriter(CommitOrAbort):
     """Writes the tensorpack layout: keys ``b"00000000"``… then ``b"__keys__"`` at commit."""
 
     def __init__(
@@ -442,17 +430,6 @@ class PretrainingLMDBWriter:
 
     def abort(self) -> None:
         self._writer.abort()
-
-    def __enter__(self) -> PretrainingLMDBWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
 
 def _pickle_dumps(obj: Any) -> bytes:

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from types import TracebackType
+from typing import TypeVar
 
 import lmdb
 
@@ -30,7 +31,31 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-class AtomicLMDBWriter:
+_Writer = TypeVar("_Writer", bound="CommitOrAbort")
+
+
+class CommitOrAbort:
+    """``with writer:`` commits when the block succeeds and aborts (leaving no output) when it raises."""
+
+    def commit(self) -> int:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Writer) -> _Writer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class AtomicLMDBWriter(CommitOrAbort):
     """Write key/value pairs to a new LMDB at ``path``; ``subdir=False`` gives tensorpack's single file."""
 
     def __init__(
@@ -108,14 +133,3 @@ class AtomicLMDBWriter:
             self._env.close()
             self._env = None
         _remove(self._tmp_dir)
-
-    def __enter__(self) -> AtomicLMDBWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
