@@ -17,7 +17,7 @@ venv: $(STAMP)
 
 # pytest exits 5 when it collects nothing: that is a failure here, not a pass.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 demo: $(STAMP)
 	$(PY) demo.py
