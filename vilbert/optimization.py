@@ -111,15 +111,21 @@ class BertAdam(Optimizer):
         return loss
 
 
-def _all_on_cuda(groups: Sequence[dict[str, Any]]) -> bool:
+def _fused_fits(groups: Sequence[dict[str, Any]]) -> bool:
+    """Torch's fused AdamW runs when all parameters sit on CUDA, or (torch >= 2.4) all on the CPU."""
     parameters = [parameter for group in groups for parameter in group["params"]]
-    return bool(parameters) and all(parameter.is_cuda for parameter in parameters)
+    if not parameters:
+        return False
+    if all(parameter.is_cuda for parameter in parameters):
+        return True
+    cpu_fused = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 4)
+    return cpu_fused and all(parameter.device.type == "cpu" for parameter in parameters)
 
 
 def build_optimizer(
     name: str, groups: Sequence[dict[str, Any]], lr: float, fused: bool | None = None
 ) -> Optimizer:
-    """`AdamW` (torch, fused when every parameter is on CUDA, unless fused=False) or `BertAdam`.
+    """`AdamW` (torch's fused kernel when the parameters' device has one, unless fused=False) or `BertAdam`.
 
     Both use betas (0.9, 0.999) and eps 1e-6, the published BERT values; weight decay comes from
     the groups (see param_groups).
@@ -128,7 +134,7 @@ def build_optimizer(
     if name == "AdamW":
         supports_fused = "fused" in inspect.signature(torch.optim.AdamW).parameters
         if fused is None:
-            fused = supports_fused and _all_on_cuda(groups)
+            fused = supports_fused and _fused_fits(groups)
         options = {"fused": True} if fused else {}
         return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, **options)
     if name == "BertAdam":

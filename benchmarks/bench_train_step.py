@@ -1,0 +1,399 @@
+"""One pretraining step (forward, backward, optimiser step), this project's fast paths against the plain
+path, in one run: the same initial weights, the same samples, the same loss and step machinery.
+
+- fast: ``scaled_dot_product_attention``, MSM/MRM heads only on counted positions (``gather_heads``),
+  batches padded to their own longest caption / region list, ``--precision``, and AdamW as
+  ``build_optimizer`` picks it (torch's fused kernel on CUDA, and on the CPU from torch 2.4;
+  ``--adamw fused`` forces it).
+- plain: the published math (explicit softmax attention, heads over every position, every batch
+  padded to 36 tokens / 36 + 1 regions, fp32, unfused AdamW: torch's for-loop on the CPU, foreach on
+  CUDA): a stand-in for the published cost.
+
+Both run the training loop's own code: ``pretraining_losses`` (published loss weights) under the
+``Precision`` autocast, then ``Optimization.backward`` / ``step`` (GradScaler, clipping at 1.0, the
+non-finite guard); a step includes moving its batch to the device. Samples come from
+``PretrainingSampleBuilder`` (span + group masking) over synthetic datapoints: captions of 10-18
+tokens, 10-36 regions, the config's feature and class sizes. The two sides' steps are interleaved
+(alternating which goes first) so background load hits both alike; the median of ``--steps`` timed
+steps is reported per side.
+
+Peak memory of a side = its parameters + optimiser state + the high water of one more (untimed) step
+above what was resident before it: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process's
+peak RSS (``VmHWM``, the counter behind ``ru_maxrss``, reset through ``/proc/self/clear_refs``) after
+``malloc_trim``, so freed pages kept by the allocator are not counted as free.
+
+The last line printed is ``ratio=<plain time / fast time>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import importlib.util
+import os
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from vilbert.config import BertConfig
+from vilbert.engine import Optimization
+from vilbert.modeling import InterBertForMultiModalPreTraining
+from vilbert.optimization import build_optimizer, param_groups
+from vilbert.precision import PRECISIONS, Precision
+from vilbert.training_state import NonFiniteGuard
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_CONFIG = os.path.join(ROOT, "config", "bert_base_6layer_interbert.json")
+MAX_SEQ_LENGTH, REGION_LEN = 36, 36
+CAPTION_TOKENS = (10, 18)  # uniform, mean 14 (Conceptual Captions averages ~10 words, ~14 WordPieces)
+REGIONS = (10, 36)
+FIRST_WORD_ID = 1000  # past [PAD], [unused*], [CLS], [SEP], [MASK] and the other specials
+LEARNING_RATE = 1e-4
+DISTINCT_BATCHES = 8  # steps cycle through at most this many batches (bounds host memory at batch 64)
+MIB = 2**20
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+# Imported by the dataset module for its LMDB reader only; the image of the GPU machines lacks them.
+STORAGE_MODULES = ("lmdb", "msgpack", "msgpack_numpy")
+
+
+def _unavailable_module(name: str) -> types.ModuleType:
+    """A placeholder that lets ``import name`` succeed and fails loudly on first use.
+
+    AttributeError (not ImportError), so introspection that probes modules (``inspect``) stays happy.
+    """
+    module = types.ModuleType(name)
+
+    def missing(attribute: str) -> None:
+        raise AttributeError(f"{name} is not installed: this placeholder has no {attribute!r}")
+
+    module.__getattr__ = missing  # type: ignore[method-assign]
+    return module
+
+
+def import_pretraining_modules() -> tuple[types.ModuleType, types.ModuleType]:
+    """``vilbert.datasets.concept_cap`` and ``vilbert.pretraining``, importable without lmdb/msgpack.
+
+    Both import the LMDB reader at module level; nothing here reads an LMDB, so on a machine without
+    those packages (the GPU image) placeholders stand in for them.
+    """
+    for name in STORAGE_MODULES:
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
+            sys.modules[name] = _unavailable_module(name)
+    from vilbert import pretraining
+    from vilbert.datasets import concept_cap
+
+    return concept_cap, pretraining
+
+
+@dataclass(frozen=True)
+class IdTokenizer:
+    """The tokenizer interface the sample builder uses, over captions written as WordPiece ids.
+
+    Tokenising is not part of a training step, and this needs no vocabulary file (the GPU image has
+    none); ``cls``/``sep``/``mask`` ids are bert-base-uncased's.
+    """
+
+    vocab_size: int
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    mask_token_id: int = 103
+
+    def encode(self, caption: str) -> list[int]:
+        return [int(word) for word in caption.split()]
+
+
+def make_datapoints(config: BertConfig, num: int, rng: np.random.Generator) -> list:
+    """Decoded Conceptual Captions datapoints with the config's feature and class sizes."""
+    concept_cap, _ = import_pretraining_modules()
+    points = []
+    for index in range(num):
+        n = int(rng.integers(REGIONS[0], REGIONS[1] + 1))
+        w, h = int(rng.integers(300, 800)), int(rng.integers(300, 800))
+        x1, y1 = rng.uniform(0, w * 0.7, n), rng.uniform(0, h * 0.7, n)
+        x2 = np.minimum(x1 + rng.uniform(20, w * 0.5, n), w - 1)
+        y2 = np.minimum(y1 + rng.uniform(20, h * 0.5, n), h - 1)
+        scores = rng.random((n, config.v_target_size), dtype=np.float32)
+        words = rng.integers(
+            FIRST_WORD_ID, config.vocab_size, int(rng.integers(*CAPTION_TOKENS, endpoint=True))
+        )
+        points.append(
+            concept_cap.PretrainDatapoint(
+                features=rng.random((n, config.v_feature_size), dtype=np.float32),
+                cls_prob=scores / scores.sum(axis=1, keepdims=True),
+                boxes=np.stack([x1, y1, x2, y2], axis=1).astype(np.float32),
+                num_boxes=n,
+                image_h=h,
+                image_w=w,
+                image_id=str(1_000_000 + index),
+                caption=" ".join(map(str, words)),
+            )
+        )
+    return points
+
+
+def make_batches(
+    config: BertConfig, batch_size: int, num_batches: int, seed: int
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """The same masked samples collated twice: dynamically padded and padded to the maxima."""
+    concept_cap, _ = import_pretraining_modules()
+    points = make_datapoints(config, batch_size * num_batches, np.random.default_rng(seed))
+    builder = concept_cap.PretrainingSampleBuilder(
+        IdTokenizer(config.vocab_size),
+        {p.image_id: p.caption for p in points},
+        max_seq_length=MAX_SEQ_LENGTH,
+        region_len=REGION_LEN,
+        span_mask=True,
+        predict_feature=config.predict_feature,
+    )
+    dynamic, full = [], []
+    for first in range(0, len(points), batch_size):
+        samples = [
+            builder.build(points[i], concept_cap.sample_rng(seed, 0, 0, i))
+            for i in range(first, first + batch_size)
+        ]
+        dynamic.append(concept_cap.collate_pretraining(samples, True, MAX_SEQ_LENGTH, REGION_LEN))
+        full.append(concept_cap.collate_pretraining(samples, False, MAX_SEQ_LENGTH, REGION_LEN))
+    return dynamic, full
+
+
+@dataclass
+class Side:
+    """One configuration under test: its model, optimiser machinery, precision and batches."""
+
+    name: str
+    description: str
+    model: InterBertForMultiModalPreTraining
+    optimization: Optimization
+    precision: Precision
+    batches: list[dict[str, torch.Tensor]]
+
+    def resident_bytes(self) -> int:
+        """Parameters and optimiser state (gradients are freed between steps)."""
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        state = sum(
+            t.numel() * t.element_size()
+            for s in self.optimization.optimizer.state.values()
+            for t in s.values()
+            if isinstance(t, torch.Tensor)
+        )
+        return params + state
+
+
+def make_side(
+    name: str,
+    model: InterBertForMultiModalPreTraining,
+    fast: bool,
+    precision: Precision,
+    batches: list[dict[str, torch.Tensor]],
+    fused_adamw: bool | None,
+) -> Side:
+    """``fused_adamw``: None lets ``build_optimizer`` choose, as the training scripts do."""
+    model.set_attention_impl(use_sdpa=fast)
+    model.gather_heads = fast
+    model.train()
+    optimizer = build_optimizer("AdamW", param_groups(model), LEARNING_RATE, fused=fused_adamw)
+    step = Optimization(model, optimizer, None, precision.make_scaler(), NonFiniteGuard(max_bad_steps=20))
+    description = (
+        f"{'SDPA' if fast else 'plain'} attention, {'gathered' if fast else 'full'} heads, "
+        f"{'dynamic' if fast else 'full'} padding (mean {mean_shape(batches)}), {precision.mode}, "
+        f"{adamw_kind(optimizer)} AdamW"
+    )
+    return Side(name, description, model, step, precision, batches)
+
+
+def adamw_kind(optimizer: torch.optim.Optimizer) -> str:
+    """Which AdamW implementation torch runs: unfused, it uses foreach kernels on CUDA by default."""
+    if optimizer.defaults.get("fused"):
+        return "fused"
+    on_cuda = all(p.is_cuda for group in optimizer.param_groups for p in group["params"])
+    return "foreach" if on_cuda and optimizer.defaults.get("foreach") is not False else "for-loop"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(side: Side, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> None:
+    """The body of the pretraining loop (``vilbert.pretraining.train``) for one micro-batch = one step."""
+    with side.precision.autocast():
+        loss = loss_fn(side.model, batch)
+    side.optimization.backward(loss)
+    side.optimization.step()
+
+
+def timed_step(side: Side, index: int, device: torch.device, loss_fn: LossFn) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    train_step(side, side.batches[index % len(side.batches)], loss_fn)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def _read_status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+@contextlib.contextmanager
+def cpu_high_water() -> Iterator[list[int]]:
+    """Yields a list that receives the peak RSS growth (bytes) over the block, from a trimmed heap."""
+    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
+    if malloc_trim is not None:
+        malloc_trim(0)
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _read_status_kib("VmRSS")
+    growth: list[int] = []
+    yield growth
+    growth.append((_read_status_kib("VmHWM") - before) * 1024)
+
+
+def step_high_water(side: Side, device: torch.device, loss_fn: LossFn) -> int | None:
+    """Bytes allocated at the peak of one step above what was allocated before it (None: unmeasurable)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        train_step(side, side.batches[0], loss_fn)
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    try:
+        with cpu_high_water() as growth:
+            train_step(side, side.batches[0], loss_fn)
+    except OSError:
+        return None
+    return growth[0]
+
+
+def profile_step(side: Side, device: torch.device, loss_fn: LossFn, rows: int = 15) -> None:
+    """Top operators of one step by self CPU time (self CUDA time on a GPU)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    sort_by = "self_cpu_time_total"
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        renamed = hasattr(torch.autograd.profiler_util.FunctionEventAvg, "self_device_time_total")
+        sort_by = "self_device_time_total" if renamed else "self_cuda_time_total"  # renamed in torch 2.4
+    with torch.profiler.profile(activities=activities) as prof:
+        train_step(side, side.batches[0], loss_fn)
+        synchronize(device)
+    print(f"\nprofile of one {side.name} step ({side.description}), by {sort_by}:")
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=rows))
+
+
+def mean_shape(batches: list[dict[str, torch.Tensor]]) -> str:
+    tokens = statistics.mean(b["input_ids"].shape[1] for b in batches)
+    regions = statistics.mean(b["image_feat"].shape[1] for b in batches)
+    return f"{tokens:.1f} tokens + {regions:.1f} regions"
+
+
+def format_memory(side: Side, high_water: int | None) -> str:
+    resident = side.resident_bytes()
+    if high_water is None:  # no /proc/self/clear_refs (not Linux)
+        return f"peak n/a (resident {resident / MIB:.0f} MiB)"
+    return f"peak {(resident + high_water) / MIB:.0f} MiB ({resident / MIB:.0f} + {high_water / MIB:.0f})"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--config", default=BASE_CONFIG, help="model config json (default: the published base)"
+    )
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="the fast side's precision")
+    parser.add_argument(
+        "--adamw",
+        choices=("auto", "fused"),
+        default="auto",
+        help="fast side AdamW: build_optimizer's choice (fused where torch has it) or forced fused",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads (0: torch's default); 1 keeps a busy shared machine from stalling both threads",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="print the top operators of one step per side")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.threads < 0:
+        parser.error("need --steps >= 1, --warmup >= 0, --batch_size >= 1, --threads >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    config = BertConfig.from_json_file(args.config)
+    _, pretraining = import_pretraining_modules()
+    train_args = pretraining.build_parser().parse_args([])  # the published loss weights
+
+    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return pretraining.pretraining_losses(model, pretraining.to_device(batch, device), train_args)[0]
+
+    num_batches = min(args.warmup + args.steps, DISTINCT_BATCHES)
+    dynamic, full = make_batches(config, args.batch_size, num_batches, args.seed)
+    plain_model = InterBertForMultiModalPreTraining(config).to(device)
+    fast_model = copy.deepcopy(plain_model)  # same weights, ties kept
+    plain = make_side("plain", plain_model, False, Precision("fp32", device), full, fused_adamw=False)
+    fused_adamw = True if args.adamw == "fused" else None
+    fast = make_side("fast", fast_model, True, Precision(args.precision, device), dynamic, fused_adamw)
+    sides = (plain, fast)
+
+    for index in range(args.warmup):
+        for side in sides:
+            timed_step(side, index, device, loss_fn)
+    times: dict[str, list[float]] = {side.name: [] for side in sides}
+    wall, cpu = time.perf_counter(), time.process_time()
+    for index in range(args.warmup, args.warmup + args.steps):
+        for side in sides if index % 2 else sides[::-1]:  # alternate which side goes first
+            times[side.name].append(timed_step(side, index, device, loss_fn))
+    cpu_share = (time.process_time() - cpu) / (time.perf_counter() - wall) / torch.get_num_threads()
+    high_water = {side.name: step_high_water(side, device, loss_fn) for side in sides}
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    print(
+        f"config={os.path.relpath(args.config, ROOT)} device={name} batch_size={args.batch_size} "
+        f"steps={args.steps} warmup={args.warmup} torch={torch.__version__}"
+    )
+    if device.type == "cpu":  # on a shared machine, say how much of the CPUs the timed steps got
+        print(f"cpu share while timing: {cpu_share:.0%} of {torch.get_num_threads()} threads x wall time")
+    for side in sides:
+        print(f"{side.name:5s} = {side.description}")
+    counter = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"
+    print(f"peak memory = parameters + optimiser state + one step's high water above them ({counter})")
+    medians = {side.name: statistics.median(times[side.name]) for side in sides}
+    for side in sides:
+        median = medians[side.name]
+        print(
+            f"{side.name}: median {median:.4f} s/step, {args.batch_size / median:.2f} samples/s, "
+            f"{format_memory(side, high_water[side.name])}"
+        )
+    if args.profile:
+        for side in sides:
+            profile_step(side, device, loss_fn)
+    print(f"ratio={medians['plain'] / medians['fast']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
