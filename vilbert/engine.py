@@ -14,8 +14,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from vilbert.distributed import barrier, gather_to_main
 from vilbert.ema import ExponentialMovingAverage
-from vilbert.training_state import NonFiniteGuard
+from vilbert.training_state import NonFiniteGuard, TrainingState, capture_rng_state, save_training_state
 
 
 class Optimization:
@@ -81,6 +82,16 @@ class Optimization:
     def pending(self) -> int:
         """Micro-batches accumulated since the last step."""
         return self._pending
+
+    def save_state(self, path: str, state: TrainingState, is_main: bool) -> None:
+        """Write the resumable state of everything this step owns, with every rank's RNG (a collective)."""
+        state.bad_steps, state.skipped_steps = self.guard.bad_steps, self.guard.skipped_steps
+        rng = gather_to_main(capture_rng_state())
+        if is_main:
+            save_training_state(
+                path, self.model, self.optimizer, self.scheduler, self.scaler, self.ema, state, rng_states=rng
+            )
+        barrier()
 
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])

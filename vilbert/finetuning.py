@@ -31,8 +31,6 @@ from vilbert.distributed import (
     DistContext,
     add_local_rank_args,
     all_reduce_sum,
-    barrier,
-    gather_to_main,
 )
 from vilbert.ema import ExponentialMovingAverage
 from vilbert.engine import Optimization
@@ -62,9 +60,7 @@ from vilbert.training_state import (
     GracefulStop,
     NonFiniteGuard,
     TrainingState,
-    capture_rng_state,
     load_training_state,
-    save_training_state,
 )
 
 logger = logging.getLogger(__name__)
@@ -347,14 +343,8 @@ def train(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any]:
         logger.info("fine-tuning %d optimiser steps, run folder %s", total_steps, folder.path)
 
     def save_state() -> None:
-        state.bad_steps, state.skipped_steps = step.guard.bad_steps, step.guard.skipped_steps
         state.extra = {"consumed": {r.name: r.consumed for r in runs}, "validation": history}
-        rng = gather_to_main(capture_rng_state())
-        if ctx.is_main:
-            save_training_state(
-                folder.state_path, model, optimizer, schedule, scaler, ema, state, rng_states=rng
-            )
-        barrier()
+        step.save_state(folder.state_path, state, ctx.is_main)
 
     def summary() -> dict[str, Any]:
         return {

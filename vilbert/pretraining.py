@@ -29,8 +29,6 @@ from vilbert.distributed import (
     DistContext,
     add_local_rank_args,
     all_reduce_sum,
-    barrier,
-    gather_to_main,
 )
 from vilbert.engine import Optimization
 from vilbert.modeling import InterBertForMultiModalPreTraining
@@ -49,9 +47,7 @@ from vilbert.training_state import (
     GracefulStop,
     NonFiniteGuard,
     TrainingState,
-    capture_rng_state,
     load_training_state,
-    save_training_state,
 )
 
 logger = logging.getLogger(__name__)
@@ -348,13 +344,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> None:
         )
 
     def save_state() -> None:
-        state.bad_steps, state.skipped_steps = step.guard.bad_steps, step.guard.skipped_steps
-        rng = gather_to_main(capture_rng_state())
-        if ctx.is_main:
-            save_training_state(
-                folder.state_path, model, optimizer, scheduler, scaler, None, state, rng_states=rng
-            )
-        barrier()
+        step.save_state(folder.state_path, state, ctx.is_main)
 
     model.train()
     with GracefulStop() as stop:
