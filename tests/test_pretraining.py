@@ -38,7 +38,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = str(REPO_ROOT / "train_concap.py")
 TINY_CONFIG = str(REPO_ROOT / "config" / "interbert_tiny.json")
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-RUN_FILES = {"command.txt", "config.json", "history.jsonl", "logs", "pytorch_model_0.bin", "training_state.pt"}
+RUN_FILES = {
+    "command.txt",
+    "config.json",
+    "history.jsonl",
+    "logs",
+    "pytorch_model_0.bin",
+    "training_state.pt",
+}
 TIMEOUT = 300
 
 # The short world: 48 training images, so one epoch of batch 8 is 6 steps (3 per rank on 2 ranks).
