@@ -19,9 +19,11 @@ from vilbert.training_state import NonFiniteLossError
 USER_ERRORS = (OSError, ValueError, MissingImageError, NonFiniteLossError, torch.cuda.OutOfMemoryError)
 
 
-def run_script(body: Callable[[argparse.Namespace, DistContext], Any], args: argparse.Namespace) -> int:
-    """Join the process group, run ``body``, leave it; ``USER_ERRORS`` become ``prog: error: MESSAGE``
-    on stderr and exit status 2 (as argparse does for a bad flag)."""
+def run_script(
+    body: Callable[[argparse.Namespace, DistContext], Any], args: argparse.Namespace, prog: str | None = None
+) -> int:
+    """Join the process group, run ``body``, leave it; ``USER_ERRORS`` become ``PROG: error: MESSAGE``
+    on stderr and exit status 2 (as argparse does for a bad flag). PROG defaults to the script's name."""
     try:
         ctx = init_distributed(args.local_rank, args.no_cuda)
         try:
@@ -29,6 +31,6 @@ def run_script(body: Callable[[argparse.Namespace, DistContext], Any], args: arg
         finally:
             cleanup()
     except USER_ERRORS as error:
-        sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {error}\n")
+        sys.stderr.write(f"{prog or os.path.basename(sys.argv[0])}: error: {error}\n")
         return 2
     return 0

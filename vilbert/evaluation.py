@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,16 +30,15 @@ from tqdm import tqdm
 
 from vilbert.atomic import atomic_write, atomic_write_json
 from vilbert.checkpoint import CheckpointError, load_pretrained
+from vilbert.cli import run_script
 from vilbert.config import BertConfig
-from vilbert.datasets.features import MissingImageError, RegionFeatureStore
+from vilbert.datasets.features import RegionFeatureStore
 from vilbert.datasets.retrieval import RetrievalEvalDataset, collate_retrieval, pad_regions
 from vilbert.datasets.vcr import VCR_TASKS
 from vilbert.distributed import (
     DistContext,
     add_local_rank_args,
-    cleanup,
     gather_to_main,
-    init_distributed,
     min_across_ranks,
 )
 from vilbert.modeling import InterBertForMultiModalPreTraining, InterBertForVLTasks
@@ -63,7 +62,6 @@ RETRIEVAL_TASK = "RetrievalFlickr30k"
 TEST_SPLIT = "test"  # the VCR split without labels
 ITM_HEAD, VCR_HEAD = "cls.bi_seq_relationship.weight", "vil_logit.weight"
 IMAGE_CHUNK = 32
-KNOWN_ERRORS = (ValueError, OSError, MissingImageError, torch.cuda.OutOfMemoryError)
 
 
 class EvaluationError(ValueError):
@@ -277,21 +275,6 @@ def _progress(total: int, per_unit: int, unit: str, ctx: DistContext, quiet: boo
     )
 
 
-def _run(body: Callable[[argparse.Namespace, DistContext], Any], args: argparse.Namespace, prog: str) -> int:
-    """Set up the process group, run, and turn the errors users can fix into one line (exit status 2,
-    as for a bad flag)."""
-    try:
-        ctx = init_distributed(args.local_rank, args.no_cuda)
-        try:
-            body(args, ctx)
-        finally:
-            cleanup()
-    except KNOWN_ERRORS as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------
 # eval_retrieval.py
 # ---------------------------------------------------------------------------------------------
@@ -409,7 +392,7 @@ def retrieval_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.fp16 and args.bf16:
         parser.error("--fp16 and --bf16 exclude each other")
-    return _run(evaluate_retrieval, args, parser.prog)
+    return run_script(evaluate_retrieval, args, parser.prog)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,4 +512,4 @@ def vcr_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.fp16 and args.bf16:
         parser.error("--fp16 and --bf16 exclude each other")
-    return _run(evaluate_vcr, args, parser.prog)
+    return run_script(evaluate_vcr, args, parser.prog)
