@@ -12,8 +12,11 @@ random (``v_feature_size``-d, 10-100 boxes + the global one as the published ext
 8-30 positions (padded to 30). ``--min_boxes 100 --min_tokens 30`` removes padding from the data, and
 with it the share of the speed-up that comes from not computing padding.
 
-Both must give the same score matrix (max abs difference <= 1e-5). Printed: both rates, the projected
-time of the full 5,000 x 1,000 test for each, and last ``ratio=<baseline time / our time>``.
+Both must give the same score matrix: max abs difference <= 1e-5 on the CPU, 5e-5 on CUDA in fp32 (its
+GEMM kernels change their reduction order with the shape, so a 500-pair block and ours round apart),
+and within bf16/fp16 rounding when ``--precision`` puts ours in autocast (the baseline stays fp32, as
+published). Printed: both rates, the projected time of the full 5,000 x 1,000 test for each, and last
+``ratio=<baseline time / our time>``.
 """
 
 from __future__ import annotations
@@ -38,7 +41,10 @@ PUBLISHED_BLOCK = 500
 # 0.5 +- 0.001); the cost is the same.
 INIT_RANGE_AT_64 = 0.2
 FULL_CAPTIONS, FULL_IMAGES = 5000, 1000
-TOLERANCE = 1e-5
+TOLERANCE = {"cpu": 1e-5, "cuda": 5e-5}
+# Absolute, on scores in (0, 1): a sanity bound, not exactness. On an H200 the base config in bf16 gave
+# 7.7e-2 against fp32 (the benchmark's wide random init spreads the logits: scores' std 0.24).
+MIXED_TOLERANCE = {"bf16": 0.1, "fp16": 2e-2}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_seq_length", type=int, default=30, help="caption positions (published eval YAML)")
     p.add_argument("--min_boxes", type=int, default=10, help="boxes per image: uniform in [min, 100]")
     p.add_argument("--min_tokens", type=int, default=8, help="caption positions: uniform in [min, T]")
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="ours: autocast precision"
+    )
     p.add_argument("--quick", action="store_true", help="a smaller run (6 captions x 50 images)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -108,7 +117,12 @@ def published_loop(
 
 
 def ours(
-    model: InterBertForVLTasks, captions: dict, images: dict, device: torch.device, pairs: int | None
+    model: InterBertForVLTasks,
+    captions: dict,
+    images: dict,
+    device: torch.device,
+    pairs: int | None,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """The engine of eval_retrieval.py, images embedded once (part of the timed work)."""
     model.set_attention_impl(True)
@@ -117,7 +131,7 @@ def ours(
     num_regions, num_tokens = images["image_feat"].shape[1], captions["input_ids"].shape[1]
     budget = default_memory_budget(device)
     pairs = pairs or block_size(config, num_regions, num_tokens, num_captions * num_images, budget)
-    scorer = RetrievalScorer(model, Precision("fp32", device), pairs)
+    scorer = RetrievalScorer(model, Precision(precision, device), pairs)
     chunks = ({k: v[s : s + 32] for k, v in images.items()} for s in range(0, num_images, 32))
     bank = scorer.embed_images(chunks, num_images)
     return scorer.score(scorer.stream(captions, bank))
@@ -153,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
 
     warm_captions, warm_images = subset(captions, images, 1, min(args.num_images, 8))
     published_loop(model, warm_captions, warm_images, device)
-    ours(model, warm_captions, warm_images, device, args.pairs_per_forward)
+    ours(model, warm_captions, warm_images, device, args.pairs_per_forward, args.precision)
 
     baseline_scores, baseline_time = timed(lambda: published_loop(model, captions, images, device), device)
     our_scores, our_time = timed(
-        lambda: ours(model, captions, images, device, args.pairs_per_forward), device
+        lambda: ours(model, captions, images, device, args.pairs_per_forward, args.precision), device
     )
 
     def report(name: str, seconds: float) -> str:
@@ -172,11 +186,12 @@ def main(argv: list[str] | None = None) -> int:
             "baseline (published loop: 1 caption x 500 images per forward, full heads, fp32)", baseline_time
         )
     )
-    print(report("ours (eval_retrieval.py engine, fp32)", our_time))
+    print(report(f"ours (eval_retrieval.py engine, {args.precision})", our_time))
     difference = float(np.abs(our_scores - baseline_scores).max())
     spread = float(our_scores.std())
-    print(f"max |score difference| = {difference:.2e} (limit {TOLERANCE:.0e}; scores' std {spread:.3f})")
-    if not difference <= TOLERANCE:
+    limit = TOLERANCE[device.type] if args.precision == "fp32" else MIXED_TOLERANCE[args.precision]
+    print(f"max |score difference| = {difference:.2e} (limit {limit:.0e}; scores' std {spread:.3f})")
+    if not difference <= limit:
         print("bench_eval_retrieval: error: the two score matrices differ", file=sys.stderr)
         return 1
     print(f"ratio={baseline_time / our_time:.2f}")

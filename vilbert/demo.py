@@ -39,11 +39,11 @@ class DemoSettings:
     world: SyntheticWorldConfig = field(default_factory=SyntheticWorldConfig)
     config_file: str = os.path.join(ROOT, "config", "interbert_demo.json")
     init_from_minilm: bool = False
-    pretrain_epochs: int = 10
+    pretrain_epochs: int = 16
     pretrain_batch: int = 64
     pretrain_lr: float = 2e-3
     max_seq_length: int = 24
-    finetune_epochs: int = 6
+    finetune_epochs: int = 4
     finetune_lr: float = 1e-3
     ema_decay: float = 0.99
     eval_batch: int = 100
@@ -55,7 +55,7 @@ class DemoSettings:
             feature_dim=64,
             num_classes=41,
             max_boxes=10,
-            pretrain_train_images=1000 if quick else 3000,
+            pretrain_train_images=1000 if quick else 6000,
             pretrain_val_images=100,
             flickr_train_images=150 if quick else 400,
             flickr_val_images=50,
