@@ -59,9 +59,9 @@ class DemoSettings:
             pretrain_val_images=100,
             flickr_train_images=150 if quick else 400,
             flickr_val_images=50,
-            flickr_test_images=100,
+            flickr_test_images=50 if quick else 100,
             vcr_train_questions=300 if quick else 1000,
-            vcr_val_questions=200,
+            vcr_val_questions=100 if quick else 200,
             vcr_test_questions=50,
             hard_negative_pool_size=20,
             task_batch_size=16,
@@ -74,7 +74,7 @@ class DemoSettings:
             settings.pretrain_lr = 1e-4
             settings.finetune_lr = 5e-5
         if quick:
-            settings.pretrain_epochs, settings.finetune_epochs = 4, 4
+            settings.pretrain_epochs, settings.finetune_epochs = 3, 4
         return settings
 
 

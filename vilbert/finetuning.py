@@ -43,7 +43,6 @@ from vilbert.optimization import (
     freeze_layers,
 )
 from vilbert.precision import Precision
-from vilbert.pretraining import seed_everything
 from vilbert.run_folder import RunFolder
 from vilbert.run_logging import RunLogger
 from vilbert.tasks import (
@@ -61,6 +60,7 @@ from vilbert.training_state import (
     NonFiniteGuard,
     TrainingState,
     load_training_state,
+    seed_everything,
 )
 
 logger = logging.getLogger(__name__)

@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -48,6 +46,7 @@ from vilbert.training_state import (
     NonFiniteGuard,
     TrainingState,
     load_training_state,
+    seed_everything,
 )
 
 logger = logging.getLogger(__name__)
@@ -153,12 +152,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if not getattr(args, flag):
             parser.error(f"--{flag} is required")
     return args
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @dataclass

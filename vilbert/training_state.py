@@ -46,6 +46,13 @@ class TrainingState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (per rank: pass seed + rank)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def capture_rng_state() -> dict[str, Any]:
     """Python, numpy, torch CPU and (if present) CUDA generator states, as tensors and plain values."""
     version, internal, gauss_next = random.getstate()
