@@ -31,7 +31,7 @@ from tests import test_fast_paths as fast_paths
 from tests import test_golden as golden_tests
 from tests import test_modeling as modeling_tests
 from tests.test_fast_paths import FAST, PLAIN, assert_all_close, collate, configured, losses_and_gradients
-from vilbert.checkpoint import load_state_dict_into, read_state_dict
+from vilbert.checkpoint import read_state_dict
 from vilbert.config import BertConfig
 from vilbert.engine import Optimization
 from vilbert.modeling import MASK_VALUE, InterBertForMultiModalPreTraining, InterBertForVLTasks
@@ -76,12 +76,7 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("gather_heads", [True, False], ids=["gathered", "full"])
 def test_pretraining_model_reproduces_published_outputs(golden, use_sdpa, gather_heads):
     config, weights, inputs, outputs = golden
-    model = InterBertForMultiModalPreTraining(config).eval()
-    pretrain_weights = {k: v for k, v in weights.items() if k.startswith(("bert.", "cls."))}
-    load_state_dict_into(model, pretrain_weights, strict=True)
-    model.set_attention_impl(use_sdpa)
-    model.gather_heads = gather_heads
-    model.to(DEVICE)
+    model = golden_tests.pretraining_model(config, weights, use_sdpa, gather_heads).to(DEVICE)
     x = to_device(golden_tests._model_inputs(inputs), DEVICE)
     labels = ("masked_lm_labels", "image_label", "image_target", "next_sentence_label")
     with torch.no_grad():
@@ -103,10 +98,7 @@ def test_pretraining_model_reproduces_published_outputs(golden, use_sdpa, gather
 @pytest.mark.parametrize("use_sdpa", [True, False], ids=["sdpa", "plain"])
 def test_task_model_reproduces_published_outputs(golden, use_sdpa):
     config, weights, inputs, outputs = golden
-    model = InterBertForVLTasks(config, num_labels=1).eval()
-    load_state_dict_into(model, weights, strict=True)
-    model.set_attention_impl(use_sdpa)
-    model.to(DEVICE)
+    model = golden_tests.task_model(config, weights, use_sdpa).to(DEVICE)
     x = to_device(golden_tests._model_inputs(inputs), DEVICE)
     with torch.no_grad():
         full, pooled = model(**x), model(**x, pooled_only=True)

@@ -44,15 +44,31 @@ def _model_inputs(inputs):
     )
 
 
-@pytest.mark.parametrize("use_sdpa", [True, False], ids=["sdpa", "plain"])
-@pytest.mark.parametrize("gather_heads", [True, False], ids=["gathered", "full"])
-def test_pretraining_model_matches_published(golden, use_sdpa, gather_heads):
-    config, weights, inputs, outputs = golden
+def pretraining_model(
+    config: BertConfig, weights: dict[str, torch.Tensor], use_sdpa: bool, gather_heads: bool
+) -> InterBertForMultiModalPreTraining:
+    """The published pretraining model (its ``bert.``/``cls.`` weights, loaded strictly), in eval mode."""
     model = InterBertForMultiModalPreTraining(config).eval()
     pretrain_weights = {k: v for k, v in weights.items() if k.startswith(("bert.", "cls."))}
     load_state_dict_into(model, pretrain_weights, strict=True)
     model.set_attention_impl(use_sdpa)
     model.gather_heads = gather_heads
+    return model
+
+
+def task_model(config: BertConfig, weights: dict[str, torch.Tensor], use_sdpa: bool) -> InterBertForVLTasks:
+    """The published task model (every weight, loaded strictly), in eval mode."""
+    model = InterBertForVLTasks(config, num_labels=1).eval()
+    load_state_dict_into(model, weights, strict=True)
+    model.set_attention_impl(use_sdpa)
+    return model
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False], ids=["sdpa", "plain"])
+@pytest.mark.parametrize("gather_heads", [True, False], ids=["gathered", "full"])
+def test_pretraining_model_matches_published(golden, use_sdpa, gather_heads):
+    config, weights, inputs, outputs = golden
+    model = pretraining_model(config, weights, use_sdpa, gather_heads)
     with torch.no_grad():
         losses = model(
             **_model_inputs(inputs),
@@ -78,9 +94,7 @@ def test_pretraining_model_matches_published(golden, use_sdpa, gather_heads):
 @pytest.mark.parametrize("use_sdpa", [True, False], ids=["sdpa", "plain"])
 def test_task_model_matches_published(golden, use_sdpa):
     config, weights, inputs, outputs = golden
-    model = InterBertForVLTasks(config, num_labels=1).eval()
-    load_state_dict_into(model, weights, strict=True)
-    model.set_attention_impl(use_sdpa)
+    model = task_model(config, weights, use_sdpa)
     with torch.no_grad():
         out = model(**_model_inputs(inputs))
         pooled = model(**_model_inputs(inputs), pooled_only=True)
