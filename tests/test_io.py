@@ -2,12 +2,18 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
+from tests.conftest import ROOT
 from vilbert import atomic
-from vilbert.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
+from vilbert.atomic import atomic_torch_save, atomic_write_json, atomic_write_text, remove_stale_temporaries
+from vilbert.run_folder import RunFolder
 
 
 class ExplodesWhenPickled:
@@ -92,3 +98,32 @@ def test_file_mode_follows_umask(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+def test_temporary_of_a_killed_writer_is_removed_when_its_run_folder_opens(tmp_path):
+    """SIGKILL skips atomic_write's cleanup; the next run in that folder removes the leftover (and
+    only files named as atomic_write names them)."""
+    writer = (
+        "import sys, time\n"
+        "from vilbert.atomic import atomic_write\n"
+        "atomic_write(sys.argv[1], lambda handle: (handle.write(b'x'), handle.flush(), time.sleep(60)))\n"
+    )
+    target = tmp_path / "run" / "training_state.pt"
+    target.parent.mkdir()
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen([sys.executable, "-c", writer, str(target)], env=env)
+    deadline = time.monotonic() + 60
+    while not list(target.parent.glob(".training_state.pt.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    [leftover] = target.parent.glob(".training_state.pt.*.tmp")
+    keep = [".hidden", "notes.tmp", ".training_state.pt.tmp"]
+    for name in keep:
+        (target.parent / name).write_text("mine")
+
+    RunFolder.create(str(tmp_path), "run", is_main=True)
+
+    assert not leftover.exists() and not target.exists()
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted(keep)
+    assert remove_stale_temporaries(target.parent) == []

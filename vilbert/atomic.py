@@ -10,11 +10,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable
 from typing import IO, Any
 
 import torch
+
+# ``.<target name>.<8 hex digits>.tmp``: the temporary files ``atomic_write`` creates.
+TEMPORARY_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
 
 
 def _fsync_folder(folder: str) -> None:
@@ -50,6 +54,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             os.remove(temporary)
         raise
     _fsync_folder(folder)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Delete the temporary files a killed writer left in ``folder`` (a SIGKILL skips the cleanup in
+    ``atomic_write``); call it only while nothing writes there. Returns the names removed."""
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if TEMPORARY_NAME.match(name) and os.path.isfile(path):
+            os.remove(path)
+            removed.append(name)
+    return removed
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

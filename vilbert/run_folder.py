@@ -19,7 +19,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from vilbert.atomic import atomic_write_json, atomic_write_text
+from vilbert.atomic import atomic_write_json, atomic_write_text, remove_stale_temporaries
 from vilbert.distributed import is_initialized
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,10 @@ class RunFolder:
         folder = cls(os.path.join(output_dir, _run_name(save_name)), is_main)
         if is_main:
             os.makedirs(folder.path, exist_ok=True)
+            removed = remove_stale_temporaries(folder.path)
+            if removed:
+                logger.info("removed %d temporary file(s) an interrupted write left in %s: %s",
+                            len(removed), folder.path, ", ".join(removed))  # fmt: skip
         return folder
 
     @property
