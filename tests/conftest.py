@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -11,6 +12,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from vilbert.datasets.synthetic import SyntheticWorldConfig, generate_synthetic_world  # noqa: E402
+
+# The published ``interbert_tasks.yml`` of the InterBERT release: every task's keys, in this order.
+PUBLISHED_TASK_KEYS = [
+    "name", "type", "loss", "task_id", "dataroot", "features_h5path1", "features_h5path2",
+    "train_annotations_jsonpath", "val_annotations_jsonpath", "max_seq_length", "max_region_num",
+    "batch_size", "train_split", "val_split", "lr", "num_epoch",
+]  # fmt: skip
+
+
+def task_world(root: str, seed: int, flickr: tuple[int, int, int], vcr: tuple[int, int, int]) -> str:
+    """A ``--small`` synthetic world sized for task tests: 2 + 2 pretraining images, Flickr30K images
+    and VCR questions per (train, val, test) split as given. Returns its task YAML."""
+    config = dataclasses.replace(
+        SyntheticWorldConfig.small(seed=seed),
+        pretrain_train_images=2,
+        pretrain_val_images=2,
+        flickr_train_images=flickr[0],
+        flickr_val_images=flickr[1],
+        flickr_test_images=flickr[2],
+        vcr_train_questions=vcr[0],
+        vcr_val_questions=vcr[1],
+        vcr_test_questions=vcr[2],
+    )
+    return generate_synthetic_world(root, config).tasks_yaml
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import task_world
 from vilbert import finetuning
 from vilbert.checkpoint import save_state_dict
 from vilbert.config import BertConfig
@@ -56,19 +57,9 @@ def _environment() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> str:
     """The synthetic world's task YAML (paths relative to it)."""
-    root = str(tmp_path_factory.mktemp("finetuning") / "world")
-    config = dataclasses.replace(
-        SyntheticWorldConfig.small(seed=0),
-        pretrain_train_images=2,
-        pretrain_val_images=2,
-        flickr_train_images=8,
-        flickr_val_images=4,
-        flickr_test_images=2,
-        vcr_train_questions=16,
-        vcr_val_questions=8,
-        vcr_test_questions=2,
+    return task_world(
+        str(tmp_path_factory.mktemp("finetuning") / "world"), 0, flickr=(8, 4, 2), vcr=(16, 8, 2)
     )
-    return generate_synthetic_world(root, config).tasks_yaml
 
 
 @pytest.fixture(scope="module")

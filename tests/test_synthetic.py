@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.conftest import PUBLISHED_TASK_KEYS, ROOT
 from vilbert.datasets.features import PretrainingLMDB, RegionFeatureStore
 from vilbert.datasets.hard_negatives import build_hard_negative_pool, nearest_by_cosine
 from vilbert.datasets.jsonl import read_jsonl
@@ -26,12 +27,6 @@ from vilbert.datasets.synthetic import (
 )
 from vilbert.tokenization import default_vocab_path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PUBLISHED_KEYS = [
-    "name", "type", "loss", "task_id", "dataroot", "features_h5path1", "features_h5path2",
-    "train_annotations_jsonpath", "val_annotations_jsonpath", "max_seq_length", "max_region_num",
-    "batch_size", "train_split", "val_split", "lr", "num_epoch",
-]  # fmt: skip
 TEXT_FILES = [
     "interbert_tasks.yml",
     "interbert_tasks_eval.yml",
@@ -104,7 +99,7 @@ def test_task_yamls_match_the_published_layout(world):
         assert [tasks[t]["max_seq_length"] for t in tasks] == [60, 80, 30]
         assert [tasks[t]["max_region_num"] for t in tasks] == [16, 16, 12]
         for task in tasks.values():
-            assert list(task) == PUBLISHED_KEYS
+            assert list(task) == PUBLISHED_TASK_KEYS
             assert task["lr"] == pytest.approx(2e-5)
             for key in (
                 "dataroot",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from types import SimpleNamespace
 
@@ -11,8 +10,8 @@ import torch
 import yaml
 from torch import nn
 
+from tests.conftest import PUBLISHED_TASK_KEYS, ROOT, task_world
 from vilbert.config import BertConfig
-from vilbert.datasets.synthetic import SyntheticWorldConfig, generate_synthetic_world
 from vilbert.modeling import InterBertForVLTasks
 from vilbert.tasks import (
     TASKS,
@@ -26,14 +25,6 @@ from vilbert.tasks import (
 )
 from vilbert.tokenization import BertTokenizer, default_vocab_path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# The published ``interbert_tasks.yml`` of the InterBERT release, key order included.
-PUBLISHED_KEYS = [
-    "name", "type", "loss", "task_id", "dataroot", "features_h5path1", "features_h5path2",
-    "train_annotations_jsonpath", "val_annotations_jsonpath", "max_seq_length", "max_region_num",
-    "batch_size", "train_split", "val_split", "lr", "num_epoch",
-]  # fmt: skip
 VCR_FILES = {
     "type": "VL-logit",
     "loss": "CrossEntropyLoss",
@@ -97,7 +88,7 @@ def test_published_task_yamls_hold_the_published_values(filename, expected):
         raw = yaml.safe_load(f)
     assert list(raw) == ["TASK1", "TASK2", "TASK3"]
     for key, entry in raw.items():
-        assert list(entry) == PUBLISHED_KEYS, key
+        assert list(entry) == PUBLISHED_TASK_KEYS, key
         assert entry == expected[key], key
         # Exact types too: a quoted "32" or an int lr would load differently.
         assert {k: type(v) for k, v in entry.items()} == {k: type(v) for k, v in expected[key].items()}, key
@@ -305,19 +296,7 @@ def test_vcr_forward_without_labels_has_a_zero_loss_that_still_backpropagates():
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("tasks") / "world")
-    config = dataclasses.replace(
-        SyntheticWorldConfig.small(seed=1),
-        pretrain_train_images=2,
-        pretrain_val_images=2,
-        flickr_train_images=4,
-        flickr_val_images=3,
-        flickr_test_images=2,
-        vcr_train_questions=4,
-        vcr_val_questions=3,
-        vcr_test_questions=2,
-    )
-    return generate_synthetic_world(root, config).tasks_yaml
+    return task_world(str(tmp_path_factory.mktemp("tasks") / "world"), 1, flickr=(4, 3, 2), vcr=(4, 3, 2))
 
 
 @pytest.mark.parametrize("number", ["1", "2", "3"])
