@@ -3,7 +3,7 @@
 import logging
 import sys
 
-from vilbert.evaluation import retrieval_main
+from vilbert.retrieval_eval import retrieval_main
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)

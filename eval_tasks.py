@@ -3,7 +3,7 @@
 import logging
 import sys
 
-from vilbert.evaluation import vcr_main
+from vilbert.vcr_eval import vcr_main
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)

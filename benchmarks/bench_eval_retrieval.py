@@ -33,7 +33,7 @@ import torch
 from vilbert.config import BertConfig
 from vilbert.modeling import InterBertForVLTasks
 from vilbert.precision import Precision
-from vilbert.retrieval_eval import RetrievalScorer, block_size, default_memory_budget
+from vilbert.retrieval_scorer import RetrievalScorer, block_size, default_memory_budget
 
 PUBLISHED_BLOCK = 500
 # Random weights drawn wider than BERT's 0.02 (0.2 at width 64, scaled by 1/sqrt(width)), so that

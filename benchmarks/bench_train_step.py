@@ -22,6 +22,10 @@ above what was resident before it: ``torch.cuda.max_memory_allocated`` on CUDA; 
 peak RSS (``VmHWM``, the counter behind ``ru_maxrss``, reset through ``/proc/self/clear_refs``) after
 ``malloc_trim``, so freed pages kept by the allocator are not counted as free.
 
+``--compare recipes`` times the two training recipes instead, both on the fast path: ``--recipe
+modern`` (fused AdamW, one global clip; the baseline, printed as "plain") against ``--recipe
+published`` (the vectorised BertAdam with per-parameter clipping and its own schedule, "fast").
+
 The last line printed is ``ratio=<plain time / fast time>``.
 """
 
@@ -46,9 +50,11 @@ from torch import nn
 
 from vilbert.config import BertConfig
 from vilbert.engine import Optimization
+from vilbert.flops import batch_flops, estimate_mfu, peak_flops
 from vilbert.modeling import InterBertForMultiModalPreTraining
 from vilbert.optimization import build_optimizer, param_groups
 from vilbert.precision import PRECISIONS, Precision
+from vilbert.recipe import pretraining_plan
 from vilbert.training_state import NonFiniteGuard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +64,7 @@ CAPTION_TOKENS = (10, 18)  # uniform, mean 14 (Conceptual Captions averages ~10 
 REGIONS = (10, 36)
 FIRST_WORD_ID = 1000  # past [PAD], [unused*], [CLS], [SEP], [MASK] and the other specials
 LEARNING_RATE = 1e-4
+RECIPE_T_TOTAL = 1000  # a schedule long enough that the timed steps run at a nonzero lr
 DISTINCT_BATCHES = 8  # steps cycle through at most this many batches (bounds host memory at batch 64)
 MIB = 2**20
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -141,7 +148,7 @@ def make_datapoints(config: BertConfig, num: int, rng: np.random.Generator) -> l
 
 
 def make_batches(
-    config: BertConfig, batch_size: int, num_batches: int, seed: int
+    config: BertConfig, batch_size: int, num_batches: int, seed: int, pad_to_multiple: int = 8
 ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
     """The same masked samples collated twice: dynamically padded and padded to the maxima."""
     concept_cap, _ = import_pretraining_modules()
@@ -160,9 +167,56 @@ def make_batches(
             builder.build(points[i], concept_cap.sample_rng(seed, 0, 0, i))
             for i in range(first, first + batch_size)
         ]
-        dynamic.append(concept_cap.collate_pretraining(samples, True, MAX_SEQ_LENGTH, REGION_LEN))
+        dynamic.append(
+            concept_cap.collate_pretraining(samples, True, MAX_SEQ_LENGTH, REGION_LEN, pad_to_multiple)
+        )
         full.append(concept_cap.collate_pretraining(samples, False, MAX_SEQ_LENGTH, REGION_LEN))
     return dynamic, full
+
+
+def loader_batches(
+    config: BertConfig,
+    data_dir: str,
+    batch_size: int,
+    num_batches: int,
+    seed: int,
+    pad_to_multiple: int,
+    device,
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """Batches of a real pretraining LMDB through the trainer's loader (one worker, span masking;
+    pinned on CUDA): dynamically padded to multiples of ``pad_to_multiple``, and padded to the maxima.
+
+    ``data_dir`` holds ``training_feat_all.lmdb`` + ``caption_train.json`` (``bench_loader.py``'s
+    layout); its features must have the config's sizes.
+    """
+    concept_cap, _ = import_pretraining_modules()
+    from vilbert.datasets.loader import make_loader
+    from vilbert.distributed import DistContext
+    from vilbert.tokenization import BertTokenizer, default_vocab_path
+
+    files = concept_cap.pretraining_files(data_dir, "train")
+    dataset = concept_cap.ConceptCapDataset(
+        *files,
+        BertTokenizer(default_vocab_path()),
+        MAX_SEQ_LENGTH,
+        REGION_LEN,
+        True,
+        config.predict_feature,
+        seed,
+    )
+    ctx = DistContext(rank=0, local_rank=-1, world_size=1, device=device)
+
+    def collect(collate) -> list[dict[str, torch.Tensor]]:
+        loader = make_loader(dataset, batch_size, collate, ctx, False, False, 1, seed)
+        loader.batch_sampler.set_epoch(0)
+        batches = []
+        for batch in loader:
+            batches.append(batch)
+            if len(batches) == num_batches:
+                break
+        return batches
+
+    return collect(dataset.collate_fn(True, pad_to_multiple)), collect(dataset.collate_fn(False))
 
 
 @dataclass
@@ -195,17 +249,30 @@ def make_side(
     precision: Precision,
     batches: list[dict[str, torch.Tensor]],
     fused_adamw: bool | None,
+    recipe: str | None = None,
 ) -> Side:
-    """``fused_adamw``: None lets ``build_optimizer`` choose, as the training scripts do."""
+    """``fused_adamw``: None lets ``build_optimizer`` choose, as the training scripts do.
+    ``recipe``: the optimiser, schedule and clipping of that recipe, as ``train_concap.py`` builds
+    them (from scratch); None: plain AdamW, no schedule."""
     model.set_attention_impl(use_sdpa=fast)
     model.gather_heads = fast
     model.train()
-    optimizer = build_optimizer("AdamW", param_groups(model), LEARNING_RATE, fused=fused_adamw)
-    step = Optimization(model, optimizer, None, precision.make_scaler(), NonFiniteGuard(max_bad_steps=20))
+    if recipe is None:
+        optimizer = build_optimizer("AdamW", param_groups(model), LEARNING_RATE, fused=fused_adamw)
+        step = Optimization(model, optimizer, None, precision.make_scaler(), NonFiniteGuard(max_bad_steps=20))
+        kind = f"{adamw_kind(optimizer)} AdamW"
+    else:
+        plan = pretraining_plan(recipe, model, LEARNING_RATE, 0.1, RECIPE_T_TOTAL, from_pretrained=False)
+        optimizer = plan.optimizer
+        step = Optimization(
+            model, optimizer, plan.scheduler, precision.make_scaler(), NonFiniteGuard(20), plan.max_grad_norm
+        )
+        kind = f"--recipe {recipe}: " + (
+            f"{adamw_kind(optimizer)} AdamW" if recipe == "modern" else "foreach BertAdam"
+        )
     description = (
         f"{'SDPA' if fast else 'plain'} attention, {'gathered' if fast else 'full'} heads, "
-        f"{'dynamic' if fast else 'full'} padding (mean {mean_shape(batches)}), {precision.mode}, "
-        f"{adamw_kind(optimizer)} AdamW"
+        f"{'dynamic' if fast else 'full'} padding (mean {mean_shape(batches)}), {precision.mode}, {kind}"
     )
     return Side(name, description, model, step, precision, batches)
 
@@ -216,6 +283,11 @@ def adamw_kind(optimizer: torch.optim.Optimizer) -> str:
         return "fused"
     on_cuda = all(p.is_cuda for group in optimizer.param_groups for p in group["params"])
     return "foreach" if on_cuda and optimizer.defaults.get("foreach") is not False else "for-loop"
+
+
+def device_name_or_none(device: torch.device) -> str | None:
+    """The GPU's name (to look up its peak); ``""`` on the CPU, which has no peak in the table."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else ""
 
 
 def synchronize(device: torch.device) -> None:
@@ -299,6 +371,22 @@ def mean_shape(batches: list[dict[str, torch.Tensor]]) -> str:
     return f"{tokens:.1f} tokens + {regions:.1f} regions"
 
 
+def format_throughput(side: Side, config: BertConfig, median: float, peak: float | None) -> str:
+    """Achieved model TFLOP/s of the side's median step, and its MFU where the peak is known."""
+    flops = statistics.mean(
+        batch_flops(config, batch, gather_heads=side.model.gather_heads).training_step
+        for batch in side.batches
+    )
+    text = f"{flops / median / 1e12:.2f} TFLOP/s ({flops / batch_size_of(side) / 1e9:.2f} GFLOP/sample)"
+    if peak is not None:
+        text += f", MFU {estimate_mfu(flops, 1 / median, peak):.1%} of {peak / 1e12:.0f} TFLOP/s"
+    return text
+
+
+def batch_size_of(side: Side) -> int:
+    return side.batches[0]["input_ids"].shape[0]
+
+
 def format_memory(side: Side, high_water: int | None) -> str:
     resident = side.resident_bytes()
     if high_water is None:  # no /proc/self/clear_refs (not Linux)
@@ -329,7 +417,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU threads (0: torch's default); 1 keeps a busy shared machine from stalling both threads",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compare",
+        choices=("paths", "recipes"),
+        default="paths",
+        help="paths: the plain path vs every fast path (AdamW both); recipes: --recipe modern (the "
+        "baseline, 'plain') vs --recipe published ('fast'), both on the fast path",
+    )
     parser.add_argument("--profile", action="store_true", help="print the top operators of one step per side")
+    parser.add_argument(
+        "--data_dir",
+        default="",
+        help="read the batches from DATA_DIR/training_feat_all.lmdb + caption_train.json through the loader",
+    )
+    parser.add_argument(
+        "--pad_to_multiple", type=int, default=8, help="fast side: dynamic padding rounded up to N positions"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the fast side's model")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="peak for MFU (default: by device)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.threads < 0:
         parser.error("need --steps >= 1, --warmup >= 0, --batch_size >= 1, --threads >= 0")
@@ -346,19 +451,39 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     config = BertConfig.from_json_file(args.config)
     _, pretraining = import_pretraining_modules()
-    train_args = pretraining.build_parser().parse_args([])  # the published loss weights
+    # The published loss weights (all 1): the trainer's LossWeights where it has them, else its flags.
+    weights_class = getattr(pretraining, "LossWeights", None)
+    train_args = weights_class() if weights_class else pretraining.build_parser().parse_args([])
 
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return pretraining.pretraining_losses(model, pretraining.to_device(batch, device), train_args)[0]
 
     num_batches = min(args.warmup + args.steps, DISTINCT_BATCHES)
-    dynamic, full = make_batches(config, args.batch_size, num_batches, args.seed)
+    if args.data_dir:
+        dynamic, full = loader_batches(
+            config, args.data_dir, args.batch_size, num_batches, args.seed, args.pad_to_multiple, device
+        )
+    else:
+        dynamic, full = make_batches(config, args.batch_size, num_batches, args.seed, args.pad_to_multiple)
     plain_model = InterBertForMultiModalPreTraining(config).to(device)
     fast_model = copy.deepcopy(plain_model)  # same weights, ties kept
-    plain = make_side("plain", plain_model, False, Precision("fp32", device), full, fused_adamw=False)
     fused_adamw = True if args.adamw == "fused" else None
-    fast = make_side("fast", fast_model, True, Precision(args.precision, device), dynamic, fused_adamw)
+    if args.compare == "recipes":  # the baseline is modern; both sides take the fast path
+        precision = Precision(args.precision, device)
+        plain = make_side("plain", plain_model, True, precision, dynamic, None, recipe="modern")
+        fast = make_side("fast", fast_model, True, precision, dynamic, None, recipe="published")
+    else:
+        plain = make_side("plain", plain_model, False, Precision("fp32", device), full, fused_adamw=False)
+        fast = make_side("fast", fast_model, True, Precision(args.precision, device), dynamic, fused_adamw)
+    if args.compile:
+        fast.model = torch.compile(fast.model)
+        fast.description += ", torch.compile"
+    fast.description += f", padding to multiples of {args.pad_to_multiple}"
     sides = (plain, fast)
+    peaks = {
+        side.name: peak_flops(side.precision.mode, device_name_or_none(device), args.peak_tflops)
+        for side in sides
+    }
 
     for index in range(args.warmup):
         for side in sides:
@@ -387,11 +512,14 @@ def main(argv: list[str] | None = None) -> None:
         median = medians[side.name]
         print(
             f"{side.name}: median {median:.4f} s/step, {args.batch_size / median:.2f} samples/s, "
+            f"{format_throughput(side, config, median, peaks[side.name])}, "
             f"{format_memory(side, high_water[side.name])}"
         )
     if args.profile:
         for side in sides:
             profile_step(side, device, loss_fn)
+    if args.compare == "recipes":
+        print(f"published / modern step time = {medians['fast'] / medians['plain']:.3f} (goal <= 1.15)")
     print(f"ratio={medians['plain'] / medians['fast']:.2f}")
 
 

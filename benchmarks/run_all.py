@@ -66,6 +66,15 @@ BENCHMARKS = (
         cuda_args=("--batch_size", "64", "--precision", "bf16"),
     ),
     Benchmark(
+        "pretraining step, base config, --recipe modern (baseline) vs published",
+        "benchmarks/bench_train_step.py",
+        ("--compare", "recipes", "--steps", "7"),
+        ("--compare", "recipes", "--steps", "2", "--warmup", "1"),
+        "plain:",
+        "fast:",
+        cuda_args=("--batch_size", "64", "--precision", "bf16"),
+    ),
+    Benchmark(
         "pretraining step, tiny config",
         "benchmarks/bench_train_step.py",
         (*TINY, "--steps", "20", "--warmup", "3"),
@@ -81,6 +90,15 @@ BENCHMARKS = (
         ("--num_samples", "128"),
         "published per-sample algorithm:",
         "this project (vectorised):",
+        device_args=False,
+    ),
+    Benchmark(
+        "pretraining data path (LMDB, masking, collate; one worker)",
+        "benchmarks/bench_loader.py",
+        (),
+        ("--num_samples", "256", "--passes", "2"),
+        "baseline",
+        "ours:",
         device_args=False,
     ),
     Benchmark(

@@ -12,8 +12,9 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from vilbert.checkpoint import CheckpointError, read_state_dict, save_state_dict
+from vilbert.checkpoint import CheckpointError, read_state_dict, save_state_dict, untied_state_dict
 from vilbert.config import BertConfig
+from vilbert.errors import BadInputError
 from vilbert.modeling import InterBertForMultiModalPreTraining, InterBertForVLTasks
 from vilbert.tokenization import default_bert_dir
 
@@ -200,3 +201,20 @@ def test_real_minilm_bert_model_parity():
         reference = hf(input_ids=input_ids, attention_mask=mask, token_type_ids=types).last_hidden_state
         ours = model.bert(**text_only_outputs(model, input_ids, types, mask))
     torch.testing.assert_close(ours.sequence_output_t, reference, atol=1e-5, rtol=0)
+
+
+def test_untied_state_dict_stores_the_tied_decoder_once_and_loads_back_tied(tmp_path):
+    model = InterBertForMultiModalPreTraining(golden_config())
+    state = untied_state_dict(model)
+    assert "cls.predictions.decoder.weight" not in state and "bert.embeddings.word_embeddings.weight" in state
+    assert set(state) == set(model.state_dict()) - {"cls.predictions.decoder.weight"}
+    save_file(state, str(tmp_path / "model.safetensors"))  # refuses shared tensors, so none are left
+    loaded = InterBertForMultiModalPreTraining.from_pretrained(str(tmp_path), golden_config(), strict=True)
+    assert loaded.cls.predictions.decoder.weight is loaded.bert.embeddings.word_embeddings.weight
+    assert_same_weights(loaded, model.state_dict())
+
+
+def test_checkpoint_errors_are_bad_input(tmp_path):
+    torch.save({"bert.t_pooler.dense.weight": torch.zeros(7, 48)}, tmp_path / "bad.bin")
+    with pytest.raises(BadInputError, match="bad.bin"):
+        InterBertForVLTasks.from_pretrained(str(tmp_path / "bad.bin"), golden_config())

@@ -11,7 +11,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from vilbert.datasets.concept_cap import ConceptCapDataset, collate_pretraining, pretraining_files
+from vilbert.datasets.concept_cap import (
+    ConceptCapDataset,
+    PretrainingSampleBuilder,
+    collate_pretraining,
+    pretraining_files,
+)
 from vilbert.datasets.features import PretrainDatapoint, write_pretraining_lmdb
 from vilbert.datasets.masking import IGNORE_INDEX
 from vilbert.tokenization import BertTokenizer, default_vocab_path
@@ -115,7 +120,7 @@ def test_itm_probability_is_configurable(
 def test_batch_keys_shapes_dtypes_and_padding(data_dir: Path, tokenizer: BertTokenizer) -> None:
     dataset = _dataset(data_dir, tokenizer, max_seq_length=10, region_len=30)
     samples = [dataset[i] for i in range(6)]
-    dynamic = collate_pretraining(samples)
+    dynamic = collate_pretraining(samples, pad_to_multiple=1)
     fixed = dataset.collate_fn(dynamic_padding=False)(samples)
     text_len = max(len(s["input_ids"]) for s in samples)
     regions = max(len(s["region_feat"]) for s in samples) + 1
@@ -272,3 +277,36 @@ def test_bad_caption_json_is_an_error_naming_the_file(
     dataset = ConceptCapDataset(lmdb_path, str(lonely), tokenizer, itm_prob=1.0)
     with pytest.raises(ValueError, match="caption_lonely.json"):
         dataset[0]
+
+
+def test_published_rules_exclude_negatives_equal_up_to_the_last_character(tokenizer):
+    """Published: the mismatched caption comes from an image whose id differs once the last character
+    is dropped ("100" never draws "101"); corrected: only the image itself is excluded."""
+    captions = {"100": "own", "101": "neighbour", "200": "far", "201": "far too"}
+
+    def drawn(rules: str) -> set[str]:
+        builder = PretrainingSampleBuilder(tokenizer, captions, rules=rules)
+        rng = np.random.default_rng(0)
+        return {builder.other_caption("100", rng) for _ in range(400)}
+
+    assert drawn("modern") == {"neighbour", "far", "far too"}
+    assert drawn("published") == {"far", "far too"}
+
+
+def test_published_rules_make_regions_stored_as_zeros_mrm_targets(tokenizer):
+    """Published: group masking labels every region whose features are all zero after masking, so a
+    region stored as zeros is always a target; corrected: only masked regions are targets."""
+    point = _datapoint(np.random.default_rng(1), 100, 6, "a dog near the cat")
+    point.features = point.features.copy()
+    point.features[2] = 0.0
+    labels = {}
+    for rules in ("modern", "published"):
+        builder = PretrainingSampleBuilder(tokenizer, {"100": "x", "200": "y"}, span_mask=True, rules=rules)
+        draws = [builder.build(point, np.random.default_rng(seed)) for seed in range(200)]
+        labels[rules] = np.array([sample["image_label"] for sample in draws])
+        zeroed = np.array([sample["region_zeroed"] for sample in draws])
+        assert ((labels[rules] == 1) >= zeroed).all()  # every masked region is a target in both
+    assert (labels["published"][:, 2] == 1).all()
+    assert (labels["modern"][:, 2] == IGNORE_INDEX).mean() > 0.5  # masked w.p. about 0.1 (+ its group)
+    other = np.arange(6) != 2
+    assert np.array_equal(labels["published"][:, other], labels["modern"][:, other])

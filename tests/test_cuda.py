@@ -38,7 +38,7 @@ from vilbert.modeling import MASK_VALUE, InterBertForMultiModalPreTraining, Inte
 from vilbert.optimization import build_optimizer, param_groups
 from vilbert.precision import Precision
 from vilbert.pretraining import pretraining_losses, to_device
-from vilbert.retrieval_eval import RetrievalScorer
+from vilbert.retrieval_scorer import RetrievalScorer
 from vilbert.training_state import NonFiniteGuard
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -20,10 +20,10 @@ from vilbert.checkpoint import save_state_dict
 from vilbert.config import BertConfig
 from vilbert.datasets.jsonl import read_jsonl, write_jsonl
 from vilbert.datasets.synthetic import SyntheticWorldConfig, generate_synthetic_world
-from vilbert.evaluation import format_retrieval_table, retrieval_main
 from vilbert.modeling import InterBertForMultiModalPreTraining, InterBertForVLTasks
 from vilbert.precision import Precision
-from vilbert.retrieval_eval import RetrievalScorer, block_size, pairs_for_budget, retrieval_report
+from vilbert.retrieval_eval import format_retrieval_table, retrieval_main, retrieval_report
+from vilbert.retrieval_scorer import RetrievalScorer, block_size, pairs_for_budget
 
 TINY = os.path.join(ROOT, "config", "interbert_tiny.json")
 DEMO = os.path.join(ROOT, "config", "interbert_demo.json")
@@ -403,6 +403,7 @@ def trained(learning_world, tmp_path_factory) -> dict[str, dict]:
             "--learning_rate", "2e-3", "--num_train_epochs", "16", "--num_workers", "1",
             "--region_len", "10", "--max_seq_length", "24", "--span_mask", "--output_dir", str(out),
             "--save_name", "pretrained", "--save_every_steps", "0", "--quiet", "--no_cuda", "--seed", "0",
+            "--recipe", "modern",  # the demo recipe, tuned for AdamW
         ],
         world,
         env=two_threads,
@@ -415,7 +416,7 @@ def trained(learning_world, tmp_path_factory) -> dict[str, dict]:
             "--config_file", DEMO, "--tasks", "3", "--task_config", str(world / "interbert_tasks.yml"),
             "--learning_rate", "5e-4", "--num_train_epochs", "3", "--num_workers", "0",
             "--output_dir", str(out), "--save_name", "ft", "--use_ema", "--ema_decay_ratio", "0.9",
-            "--save_every_steps", "0", "--quiet", "--no_cuda",
+            "--save_every_steps", "0", "--quiet", "--no_cuda", "--recipe", "modern",
         ],
         world,
         env=two_threads,
@@ -454,3 +455,47 @@ def test_zero_shot_beats_chance_and_fine_tuning_beats_zero_shot(trained):
         finetuned,
         zero_shot,
     )
+
+
+def test_a_fine_tuning_run_folder_evaluates_its_best_ema_checkpoint(tmp_path):
+    from vilbert.evaluation import EvaluationError, run_folder_checkpoint
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"best_epoch": 1, "validation": []}))
+    for name in ("pytorch_model_0.bin", "pytorch_model_1.bin", "pytorch_model_1_ema.bin"):
+        (tmp_path / name).write_bytes(b"")
+    assert run_folder_checkpoint(str(tmp_path)) == str(tmp_path / "pytorch_model_1_ema.bin")
+    (tmp_path / "pytorch_model_1_ema.bin").unlink()
+    assert run_folder_checkpoint(str(tmp_path)) == str(tmp_path / "pytorch_model_1.bin")
+    (tmp_path / "pytorch_model_1.bin").unlink()
+    with pytest.raises(EvaluationError, match="best epoch 1, but its weights are not there"):
+        run_folder_checkpoint(str(tmp_path))
+    assert run_folder_checkpoint(str(tmp_path / "pytorch_model_0.bin")) == str(
+        tmp_path / "pytorch_model_0.bin"
+    )
+
+
+def test_evaluation_knows_what_trained_the_checkpoint(tmp_path, caplog):
+    """run_info.json beside a checkpoint tells a pretraining checkpoint (its scores are zero-shot) and
+    a fine-tuning run on other tasks (the head that scores was not trained) from the right one."""
+    from vilbert.evaluation import check_head_trained
+
+    released = tmp_path / "released.bin"
+    assert check_head_trained(str(released), "RetrievalFlickr30k") is False  # nothing to tell
+    pretrained = tmp_path / "pre"
+    pretrained.mkdir()
+    (pretrained / "run_info.json").write_text(json.dumps({"recipe": "published", "train_batch_size": 64}))
+    with caplog.at_level("WARNING"):
+        assert check_head_trained(str(pretrained / "pytorch_model_0.bin"), "RetrievalFlickr30k") is True
+    assert "written by pretraining" in caplog.text and "ZERO-SHOT" in caplog.text
+    vcr = tmp_path / "vcr"
+    vcr.mkdir()
+    tasks = {"TASK1": {"name": "VCR_Q-A"}, "TASK2": {"name": "VCR_QA-R"}}
+    (vcr / "run_info.json").write_text(json.dumps({"recipe": "published", "tasks": tasks}))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert check_head_trained(str(vcr / "pytorch_model_4_ema.bin"), "RetrievalFlickr30k") is False
+    assert "was fine-tuned on VCR_Q-A, VCR_QA-R, not RetrievalFlickr30k" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_head_trained(str(vcr / "pytorch_model_4_ema.bin"), "VCR_Q-A")
+    assert caplog.text == ""

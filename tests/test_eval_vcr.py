@@ -7,6 +7,8 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +22,14 @@ from vilbert.checkpoint import save_state_dict
 from vilbert.config import BertConfig
 from vilbert.datasets.jsonl import read_jsonl, write_jsonl
 from vilbert.datasets.synthetic import SyntheticWorldConfig, generate_synthetic_world
-from vilbert.evaluation import vcr_main
 from vilbert.modeling import InterBertForMultiModalPreTraining, InterBertForVLTasks
 from vilbert.vcr_eval import (
     LEADERBOARD_COLUMNS,
     ResultsError,
     leaderboard_from_files,
     q_ar_from_files,
+    results_file_name,
+    vcr_main,
 )
 
 TINY = os.path.join(ROOT, "config", "interbert_tiny.json")
@@ -167,6 +170,54 @@ def test_leaderboard_rows_pair_answers_and_conditioned_rationales(tmp_path):
     missing = _write_json(tmp_path / "qar_missing.json", qar[1:])
     with pytest.raises(ResultsError, match="given answer 3"):
         leaderboard_from_files(str(tmp_path / "qa.json"), missing, str(annotations), str(out))
+
+
+def _named_like_eval_tasks(hand_made, folder: Path) -> dict[str, str]:
+    """The hand-made results under the names eval_tasks.py gives them."""
+    folder.mkdir()
+    paths = {}
+    for name, task in (("qa", "VCR_Q-A"), ("qar", "VCR_QA-R")):
+        paths[name] = str(folder / results_file_name(task, "val"))
+        shutil.copy(hand_made[name], paths[name])
+    return paths
+
+
+def test_compute_q_ar_refuses_swapped_result_files(hand_made, tmp_path):
+    named = _named_like_eval_tasks(hand_made, tmp_path / "run")
+    argv = ["--qa", named["qar"], "--qar", named["qa"], "--annotations", hand_made["annotations"]]
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "compute_q_ar.py"), *argv],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stdout == ""
+    [error] = result.stderr.strip().splitlines()
+    assert error.startswith(f"compute_q_ar: error: {named['qar']}: holds QA->R results, not the Q->A")
+    assert "swapped" in error
+
+
+def test_a_task_record_in_the_results_tells_the_tasks_apart(hand_made, tmp_path):
+    for name, task in (("qa", "VCR_Q-A"), ("qar", "VCR_QA-R")):
+        results = json.loads(Path(hand_made[name]).read_text())
+        _write_json(Path(hand_made[name]), [{**entry, "task": task} for entry in results])
+    metrics = q_ar_from_files(hand_made["qa"], hand_made["qar"], hand_made["annotations"])
+    assert metrics["q_ar"] == 50.0
+    with pytest.raises(ResultsError, match=rf"{hand_made['qar']}: holds QA->R results, not the Q->A"):
+        q_ar_from_files(hand_made["qar"], hand_made["qa"], hand_made["annotations"])
+
+
+def test_leaderboard_refuses_swapped_test_results(tmp_path, capsys):
+    annotations = tmp_path / "test.jsonl"
+    write_jsonl(str(annotations), [_record("test-0", labelled=False)])
+    qa = _write_json(tmp_path / "qa.json", [{"question_id": "test-0", "answer": _onehot(1)}])
+    qar = _write_json(
+        tmp_path / "qar.json",
+        [{"question_id": "test-0", "answer_index": a, "answer": _onehot(a)} for a in range(4)],
+    )
+    out = tmp_path / "submission.csv"
+    argv = ["--qa", qar, "--qar", qa, "--annotations", str(annotations), "--submission", str(out)]
+    assert compute_q_ar_main(argv) == 2
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert f"{qar}: holds QA->R results" in error and not out.exists()
 
 
 # eval_tasks.py on the synthetic world

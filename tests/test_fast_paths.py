@@ -22,7 +22,7 @@ from vilbert.engine import Optimization
 from vilbert.modeling import InterBertForMultiModalPreTraining
 from vilbert.optimization import build_optimizer, param_groups
 from vilbert.precision import Precision
-from vilbert.pretraining import build_parser, pretraining_losses
+from vilbert.pretraining import LossWeights, build_parser, pretraining_losses
 from vilbert.tokenization import BertTokenizer, default_vocab_path
 from vilbert.training_state import NonFiniteGuard
 
@@ -30,7 +30,7 @@ TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 FEAT, CLASSES, SEQ_LEN, REGION_LEN = 16, 11, 36, 36
 BATCH, NUM_BATCHES = 6, 2
 WORDS = ["dog", "cat", "red", "car", "tree", "house", "boat", "bird", "runs", "under", "small", "green"]
-LOSS_ARGS = build_parser().parse_args([])  # the published loss weights, as train_concap.py uses them
+LOSS_ARGS = LossWeights.from_args(build_parser().parse_args([]))  # the published loss weights
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from tests.conftest import task_world
 from vilbert import finetuning
 from vilbert.checkpoint import save_state_dict
 from vilbert.config import BertConfig
+from vilbert.datasets import loader
 from vilbert.datasets.synthetic import SyntheticWorldConfig, generate_synthetic_world
 from vilbert.distributed import DistContext, init_distributed
 from vilbert.engine import Optimization
@@ -122,7 +123,10 @@ def test_start_offsets_and_loss_scales(world, checkpoint, tmp_path):
     task_config = _yaml_variant(
         world, tmp_path, TASK1={"num_epoch": 2, "lr": 4e-5}, TASK3={"num_epoch": 30, "lr": 2e-5}
     )
-    args = _args(task_config, checkpoint, tmp_path, "--tasks", "1-3", "--num_train_epochs", "2")
+    # Each task's own num_epoch: the modern rule (published takes the last task's for all, tested below).
+    args = _args(
+        task_config, checkpoint, tmp_path, "--tasks", "1-3", "--num_train_epochs", "2", "--recipe", "modern"
+    )
     ctx = init_distributed(-1, no_cuda=True)
     runs = finetuning.build_tasks(args, ctx, BertTokenizer(args.bert_model))
     assert [(r.name, len(r.train_loader)) for r in runs] == [
@@ -134,12 +138,26 @@ def test_start_offsets_and_loss_scales(world, checkpoint, tmp_path):
 
     # Flickr with fewer iterations x epochs than the run starts late as well; equal lrs scale by 1.
     task_config = _yaml_variant(world, tmp_path, TASK1={"num_epoch": 5}, TASK3={"num_epoch": 1})
-    args = _args(task_config, checkpoint, tmp_path, "--tasks", "3-1", "--num_train_epochs", "3")
+    args = _args(
+        task_config, checkpoint, tmp_path, "--tasks", "3-1", "--num_train_epochs", "3", "--recipe", "modern"
+    )
     runs = finetuning.build_tasks(args, ctx, BertTokenizer(args.bert_model))
     assert [(r.name, r.start_iteration, r.loss_scale) for r in runs] == [
         ("RetrievalFlickr30k", 15 - 5, 1.0),
         ("VCR_Q-A", 15 - 10, 1.0),
     ]
+
+
+def test_published_start_rule_takes_the_last_tasks_num_epoch(world, checkpoint, tmp_path):
+    """The published script reads num_epoch of the last task of --tasks for every task."""
+    task_config = _yaml_variant(
+        world, tmp_path, TASK1={"num_epoch": 2, "lr": 4e-5}, TASK3={"num_epoch": 1, "lr": 2e-5}
+    )
+    args = _args(task_config, checkpoint, tmp_path, "--tasks", "1-3", "--num_train_epochs", "2")
+    assert args.recipe == "published"
+    runs = finetuning.build_tasks(args, init_distributed(-1, no_cuda=True), BertTokenizer(args.bert_model))
+    # 2 x 5 = 10 iterations; with TASK3's num_epoch 1 for both: VCR 10 - 1 x 2, Flickr 10 - 1 x 5.
+    assert [r.start_iteration for r in runs] == [8, 5]
 
 
 def test_training_loop_follows_the_schedule(world, checkpoint, tmp_path, monkeypatch):
@@ -167,7 +185,9 @@ def test_training_loop_follows_the_schedule(world, checkpoint, tmp_path, monkeyp
         original_backward(self, loss, scale)
 
     monkeypatch.setattr(Optimization, "backward", backward)
-    args = _args(task_config, checkpoint, tmp_path, "--tasks", "1-3", "--num_train_epochs", "2")
+    args = _args(
+        task_config, checkpoint, tmp_path, "--tasks", "1-3", "--num_train_epochs", "2", "--recipe", "modern"
+    )
     summary = _train_in_process(args)
 
     # Iterations 0-5: Flickr alone; 6-9: VCR (first, in --tasks order), then Flickr.
@@ -265,6 +285,9 @@ def _check_run_folder(run: Path, checkpoint: str, command_flags: tuple[str, ...]
     assert start.keys() == trained.keys() and not _same_weights(start, trained)
     command = (run / "command.txt").read_text()
     assert all(flag in command for flag in command_flags)
+    # The README commands run the published recipe: BertAdam, one step per task.
+    assert '"recipe": "published"' in command
+    assert json.loads((run / "run_info.json").read_text())["recipe"] == "published"
     metrics = json.loads((run / "metrics.json").read_text())
     assert [entry["epoch"] for entry in metrics["validation"]] == [0] and metrics["weights"] == "ema"
 
@@ -300,13 +323,13 @@ def test_published_vcr_command(world, checkpoint, tmp_path):
 
 
 def test_worker_count_is_shared_and_capped_by_the_cpus(monkeypatch):
-    monkeypatch.setattr(finetuning, "available_cpus", lambda: 2)
-    assert finetuning.loader_workers(16, world_size=1, num_tasks=2) == 1
-    assert finetuning.loader_workers(9, world_size=1, num_tasks=1) == 2
-    assert finetuning.loader_workers(16, world_size=2, num_tasks=2) == 0  # in the main processes
-    monkeypatch.setattr(finetuning, "available_cpus", lambda: 64)
-    assert finetuning.loader_workers(16, world_size=8, num_tasks=1) == 2  # the published split
-    assert finetuning.loader_workers(0, world_size=1, num_tasks=1) == 0
+    monkeypatch.setattr(loader, "available_cpus", lambda: 2)
+    assert loader.loader_workers(16, world_size=1, num_tasks=2) == 1
+    assert loader.loader_workers(9, world_size=1, num_tasks=1) == 2
+    assert loader.loader_workers(16, world_size=2, num_tasks=2) == 0  # in the main processes
+    monkeypatch.setattr(loader, "available_cpus", lambda: 64)
+    assert loader.loader_workers(16, world_size=8, num_tasks=1) == 2  # the published split
+    assert loader.loader_workers(0, world_size=1, num_tasks=1) == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,11 +391,13 @@ def test_batch_not_divisible_by_accumulation_in_one_process(world, checkpoint, t
 # ---------------------------------------------------------------------------------------------
 
 
-def _resumable_command(world: str, checkpoint: str, output_dir: Path) -> list[str]:
+def _resumable_command(
+    world: str, checkpoint: str, output_dir: Path, tasks: str = "3", workers: str = "0"
+) -> list[str]:
     return [
         sys.executable, str(ROOT / "train_tasks.py"), "--from_pretrained", checkpoint, "--config_file",
-        TINY_CONFIG, "--task_config", world, "--output_dir", str(output_dir), "--tasks", "3",
-        "--num_train_epochs", "3", "--save_every_steps", "2", "--deterministic", "--num_workers", "0",
+        TINY_CONFIG, "--task_config", world, "--output_dir", str(output_dir), "--tasks", tasks,
+        "--num_train_epochs", "3", "--save_every_steps", "2", "--deterministic", "--num_workers", workers,
         "--no_cuda", "--quiet", "--use_ema", "--ema_decay_ratio", "0.5", "--learning_rate", "1e-3",
     ]  # fmt: skip
 
@@ -403,17 +428,24 @@ def _kill_after_step(command: list[str], state_path: Path, step: int, log: Path,
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights(world, checkpoint, tmp_path):
+@pytest.mark.parametrize(
+    "tasks, workers, run_name",
+    [("3", "0", FLICKR_RUN), ("1-3", "2", f"VCR_Q-A-{FLICKR_RUN}")],
+    ids=["flickr-no-workers", "multi-task-with-workers"],
+)
+def test_killed_run_resumes_to_the_same_weights(world, checkpoint, tmp_path, tasks, workers, run_name):
+    """Under the default (published) recipe: one optimiser step and EMA update per task; with two
+    tasks and DataLoader workers the resumed run still lands on the uninterrupted one's weights."""
     steps = 3 * FLICKR_BATCHES
     # The uninterrupted reference runs alongside the one that gets killed.
     with open(tmp_path / "whole.log", "wb") as log:
         whole = subprocess.Popen(
-            _resumable_command(world, checkpoint, tmp_path / "whole"),
+            _resumable_command(world, checkpoint, tmp_path / "whole", tasks, workers),
             cwd=ROOT, env=_environment(), stdout=subprocess.DEVNULL, stderr=log,
         )  # fmt: skip
         try:
-            command = _resumable_command(world, checkpoint, tmp_path / "killed")
-            run = tmp_path / "killed" / FLICKR_RUN
+            command = _resumable_command(world, checkpoint, tmp_path / "killed", tasks, workers)
+            run = tmp_path / "killed" / run_name
             reached = _kill_after_step(
                 command, run / "training_state.pt", FLICKR_BATCHES + 1, tmp_path / "killed.log"
             )
@@ -428,7 +460,7 @@ def test_killed_run_resumes_to_the_same_weights(world, checkpoint, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resuming from" in resumed.stderr
 
-    reference = tmp_path / "whole" / FLICKR_RUN
+    reference = tmp_path / "whole" / run_name
     for name in ("pytorch_model_2.bin", "pytorch_model_2_ema.bin"):
         assert _same_weights(_weights(run / name), _weights(reference / name)), name
     # The validation history survived the kill too.
@@ -466,7 +498,7 @@ def test_fine_tuning_a_pretrained_checkpoint_beats_chance_at_retrieval(tmp_path)
             "--val_data_dir", world.conceptual_captions, "--config_file", str(config_file),
             "--train_batch_size", "16", "--output_dir", str(tmp_path), "--save_name", "pre",
             "--num_train_epochs", "3", "--span_mask", "--num_workers", "0", "--learning_rate", "1e-3",
-            "--no_cuda", "--quiet", "--save_every_steps", "0",
+            "--no_cuda", "--quiet", "--save_every_steps", "0", "--recipe", "modern",
         ],
         cwd=ROOT, env=_environment(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -479,6 +511,7 @@ def test_fine_tuning_a_pretrained_checkpoint_beats_chance_at_retrieval(tmp_path)
         str(config_file), "--task_config", task_config, "--tasks", "3",
         "--learning_rate", "1e-3", "--num_train_epochs", "10", "--num_workers", "0", "--no_cuda", "--quiet",
         "--save_every_steps", "0", "--output_dir", str(tmp_path), "--save_name", "learned",
+        "--recipe", "modern",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads(

@@ -10,9 +10,9 @@ from vilbert.datasets.features import PretrainDatapoint
 from vilbert.datasets.masking import (
     IGNORE_INDEX,
     bert_mask_tokens,
-    box_iou,
-    group_mask_regions,
-    independent_mask_regions,
+    group_region_mask,
+    independent_region_mask,
+    region_labels,
     span_mask_tokens,
 )
 from vilbert.tokenization import BertTokenizer, default_vocab_path
@@ -118,16 +118,6 @@ def _clustered_boxes(rng: np.random.Generator, n: int, w: int, h: int) -> np.nda
     return boxes.astype(np.float32)
 
 
-def test_box_iou_matches_brute_force() -> None:
-    rng = np.random.default_rng(5)
-    w, h = 640, 480
-    boxes = _clustered_boxes(rng, 20, w, h)
-    iou = box_iou(boxes, w, h)
-    reference = np.array([[_reference_iou(a, b, w, h) for b in boxes.astype(np.float64)] for a in boxes])
-    np.testing.assert_allclose(iou, reference, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(np.diag(iou), 1.0)
-
-
 def test_group_masks_are_iou_neighbourhoods_of_seeds_at_the_published_rate() -> None:
     rng = np.random.default_rng(6)
     w, h, n, pad = 600, 400, 24, 4
@@ -141,7 +131,10 @@ def test_group_masks_are_iou_neighbourhoods_of_seeds_at_the_published_rate() -> 
     masked_count = np.zeros(n)
     draws = 10_000
     for _ in range(draws):
-        out, labels = group_mask_regions(features, boxes, n, rng, w, h)
+        decided = group_region_mask(boxes, n, rng, w, h)  # what the sample builder draws
+        labels = region_labels(decided, len(features))
+        out = features.copy()
+        out[:n][decided] = 0  # as collate_pretraining applies it
         zeroed = ~out.any(axis=1)
         assert np.array_equal(labels == 1, zeroed)
         assert np.all(labels[n:] == IGNORE_INDEX) and np.array_equal(out[n:], features[n:])
@@ -161,7 +154,10 @@ def test_independent_region_masking_is_15_percent_with_90_10() -> None:
     features = rng.normal(size=(n + pad, 4)).astype(np.float32) + 10.0
     targets = zeroed_targets = 0
     for _ in range(draws):
-        out, labels = independent_mask_regions(features, n, rng)
+        decided, chosen = independent_region_mask(n, rng)
+        labels = region_labels(chosen, len(features))
+        out = features.copy()
+        out[:n][decided] = 0
         zeroed = ~out.any(axis=1)
         assert np.all(labels[zeroed] == 1), "only targets are zeroed"
         assert np.all(labels[n:] == IGNORE_INDEX) and not zeroed[n:].any()

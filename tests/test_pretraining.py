@@ -40,6 +40,7 @@ TINY_CONFIG = str(REPO_ROOT / "config" / "interbert_tiny.json")
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 RUN_FILES = {
     "command.txt",
+    "run_info.json",
     "config.json",
     "history.jsonl",
     "logs",
@@ -222,6 +223,8 @@ def test_published_readme_command_runs_one_epoch_on_cpu(short_world, tiny_checkp
     assert (state["state"]["epoch"], state["state"]["global_step"]) == (1, SHORT_TRAIN_IMAGES // 8)
     command = (run / "command.txt").read_text()
     assert "--from_pretrained" in command and '"span_mask": true' in command
+    assert '"recipe": "published"' in command  # the README command runs the published recipe
+    assert json.loads((run / "run_info.json").read_text())["recipe"] == "published"
     assert json.loads((run / "config.json").read_text())["v_feature_size"] == config.v_feature_size
     scalars = _read_scalars(run / "logs")
     assert {"val/loss", "val/msm", "val/mrm", "val/itm"} <= scalars.keys()
@@ -274,7 +277,7 @@ DDP_WORKER = textwrap.dedent(
     from vilbert.distributed import cleanup, gather_to_main, init_distributed
     from vilbert.engine import Optimization
     from vilbert.modeling import InterBertForMultiModalPreTraining
-    from vilbert.pretraining import pretraining_losses
+    from vilbert.pretraining import LossWeights, pretraining_losses
     from vilbert.tokenization import BertTokenizer
     from vilbert.training_state import NonFiniteGuard
 
@@ -295,7 +298,7 @@ DDP_WORKER = textwrap.dedent(
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     step = Optimization(model, optimizer, None, scaler, NonFiniteGuard(3), max_grad_norm=1.0)
-    weights = argparse.Namespace(without_coattention=False, text_weight=1.0, img_weight=1.0, itm_weight=1.0)
+    weights = LossWeights()
     batches, losses = iter(loader), []
     for _ in range(2):  # two optimiser steps of two micro-batches (no_sync on the first)
         for micro in range(2):
@@ -435,8 +438,8 @@ def test_killed_run_resumes_to_the_same_weights(short_world, reference_run, tmp_
 
 @pytest.mark.slow
 def test_sigterm_saves_a_resumable_state_with_workers(short_world, reference_run, tmp_path):
-    """SIGTERM mid-run: exit 0 with the state saved; resuming with 2 DataLoader workers gives the weights
-    of the uninterrupted run without workers (masks do not depend on the worker count)."""
+    """SIGTERM mid-run: exit 143 (128 + SIGTERM), state saved; resuming with 2 DataLoader workers gives
+    the weights of the uninterrupted run without workers (masks do not depend on the worker count)."""
     command = _resume_command(short_world, tmp_path / "save", 2)
     run = tmp_path / "save" / "pretrained"
     log = tmp_path / "stopped.log"
@@ -444,7 +447,7 @@ def test_sigterm_saves_a_resumable_state_with_workers(short_world, reference_run
     try:
         _wait_for_step(process, run / "training_state.pt", KILL_AT_STEP)
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=TIMEOUT) == 0, log.read_text()[-4000:]
+        assert process.wait(timeout=TIMEOUT) == 128 + signal.SIGTERM, log.read_text()[-4000:]
     finally:
         if process.poll() is None:
             process.kill()
@@ -513,6 +516,7 @@ def test_loss_goes_down_on_the_synthetic_world(world, tmp_path):
         "--config_file", TINY_CONFIG, "--train_batch_size", "16", "--learning_rate", "2e-3",
         "--num_train_epochs", "6", "--span_mask", "--num_workers", "0", "--save_name", "pretrained",
         "--output_dir", str(tmp_path / "save"), "--log_every", "5", "--quiet", "--no_cuda",
+        "--recipe", "modern",
     )  # fmt: skip
     _check_ok(_run(command, tmp_path))
     scalars = _read_scalars(tmp_path / "save" / "pretrained" / "logs")
@@ -554,6 +558,14 @@ def bad_inputs(short_world: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     taken.mkdir(parents=True)
     (taken / "pytorch_model_0.bin").write_bytes(b"weights of an earlier run")
 
+    short_positions = root / "short_positions.json"
+    short_positions.write_text(
+        json.dumps({**json.loads(Path(TINY_CONFIG).read_text()), "max_position_embeddings": 16})
+    )
+    damaged_state = root / "damaged_state" / "pretrained"
+    damaged_state.mkdir(parents=True)
+    (damaged_state / "training_state.pt").write_bytes(b"PK\x03\x04 cut short by a full disk")
+
     def case(name: str, train: Path = short_world, *extra: str) -> list[str]:
         return _short_run(train, root / name, *extra, val=short_world)
 
@@ -566,6 +578,12 @@ def bad_inputs(short_world: Path, tmp_path_factory: pytest.TempPathFactory) -> d
         "cond_mask": case("cond_mask", short_world, "--cond_mask"),
         "batch_not_divisible": case("batch_not_divisible", short_world, "--gradient_accumulation_steps", "3"),
         "existing_weights": case("existing_weights"),
+        "positions_too_short": case(
+            "positions_too_short", short_world, "--config_file", str(short_positions)
+        ),
+        "damaged_training_state": case("damaged_state"),
+        "zero_batch": case("zero_batch", short_world, "--train_batch_size", "0"),
+        "fractional_epochs": case("fractional_epochs", short_world, "--num_train_epochs", "1.5"),
     }
 
 
@@ -582,6 +600,10 @@ BAD_INPUT_MESSAGES = {
     "cond_mask": ["--cond_mask", "not supported"],
     "batch_not_divisible": ["--train_batch_size 8 is not divisible by --gradient_accumulation_steps 3"],
     "existing_weights": ["already holds checkpoints", "pytorch_model_0.bin", "no training_state.pt"],
+    "positions_too_short": ["--max_seq_length 36 exceeds max_position_embeddings 16", "short_positions.json"],
+    "damaged_training_state": ["damaged_state/pretrained/training_state.pt", "not a readable training state"],
+    "zero_batch": ["--train_batch_size must be >= 1, got 0"],
+    "fractional_epochs": ["--num_train_epochs must be a whole number >= 1, got 1.5"],
 }
 
 
@@ -625,17 +647,41 @@ def test_script_reports_bad_input_in_one_line(short_world, tmp_path):
     _check_untouched(tmp_path / "save")
 
 
+@pytest.mark.slow
+def test_resume_with_changed_flags_refuses_unless_told_to(short_world, tmp_path):
+    """A rerun with another batch size would resume the old state at the wrong place: it refuses,
+    naming what changed, and --resume_anyway proceeds (logged); command.txt keeps both runs."""
+    first = _run(_train(*_short_run(short_world, tmp_path / "save")), tmp_path)
+    _check_ok(first)
+    changed = _short_run(short_world, tmp_path / "save", "--num_train_epochs", "2")
+    changed[changed.index("--train_batch_size") + 1] = "4"
+    refused = _run(_train(*changed), tmp_path)
+    assert refused.returncode == 2, refused.stderr[-4000:]
+    _check_one_error_line(
+        refused.stderr, ["train_batch_size 8 -> 4", "num_train_epochs 1", "--resume_anyway"]
+    )
+    accepted = _run(_train(*changed, "--resume_anyway"), tmp_path)
+    _check_ok(accepted)
+    assert "accepted by --resume_anyway" in accepted.stderr
+    assert (tmp_path / "save" / "pretrained" / "command.txt").read_text().count("train_concap.py") >= 2
+
+
 # 7. Non-finite losses
 
 
+OVERFLOWING_FEATURE = 1e36  # 36 regions still average finitely; squared in LayerNorm: inf
+
+
 def _poisoned_copy(world: Path, folder: Path, poisoned: set[int] | None) -> Path:
-    """The training split of ``world`` with NaN region features in the images at ``poisoned`` (None: all)."""
+    """The training split of ``world`` with region features that overflow the model (finite, so the
+    data check lets them through; the image embedding's LayerNorm turns them into NaN) in the images at
+    ``poisoned`` (None: all). NaN features are refused by the data check, see test_damaged_data.py."""
     folder.mkdir()
     shutil.copy(world / "caption_train.json", folder)
     points = list(PretrainingLMDB(str(world / "training_feat_all.lmdb")))
     for index, point in enumerate(points):
         if poisoned is None or index in poisoned:
-            point.features = np.full_like(point.features, np.nan)
+            point.features = np.full_like(point.features, OVERFLOWING_FEATURE)
     write_pretraining_lmdb(str(folder / "training_feat_all.lmdb"), points)
     return folder
 

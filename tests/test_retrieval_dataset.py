@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader
 from vilbert.datasets.features import MissingImageError, RegionFeatureStore, write_region_features
 from vilbert.datasets.hard_negatives import flickr_image_id, hard_negatives_from_annotations
 from vilbert.datasets.jsonl import AnnotationError
+from vilbert.datasets.loader import make_loader
 from vilbert.datasets.retrieval import (
     RetrievalEvalDataset,
     RetrievalTrainDataset,
@@ -20,6 +22,8 @@ from vilbert.datasets.retrieval import (
     encode_captions,
     load_hard_negative_pool,
 )
+from vilbert.datasets.validation import BadRecordError
+from vilbert.distributed import DistContext
 from vilbert.tokenization import BertTokenizer, default_vocab_path
 
 IMAGE_IDS = [1000092795, 1000268201, 1000344755, 1000366164, 1000523639, 1000919630]
@@ -46,7 +50,7 @@ def _num_boxes(image: int) -> int:
     return 2 + image % 4  # 2..5 real boxes, so R=5 both pads and truncates
 
 
-def _write_world(root, image_ids=IMAGE_IDS):
+def _write_world(root, image_ids=IMAGE_IDS, damaged: int | None = None):
     annotations = root / "train.jsonline"
     lines = [
         json.dumps({"sentences": _captions(i), "id": i, "img_path": f"{image_id}.jpg"})
@@ -58,6 +62,8 @@ def _write_world(root, image_ids=IMAGE_IDS):
         n = _num_boxes(i)
         # Every value of box b of image i is image_id-specific: row b is 100 * i + b.
         features = (100.0 * i + np.arange(n, dtype=np.float32))[:, None].repeat(FEATURE_DIM, axis=1)
+        if i == damaged:
+            features[1, 2] = np.nan
         boxes = np.array([[b, b, b + 10, b + 20] for b in range(n)], dtype=np.float32)
         records.append(
             {
@@ -259,6 +265,19 @@ def test_long_captions_keep_cls_and_sep(tokenizer):
     assert mask[1].tolist() == [1, 1, 1] + [0] * 5
 
 
+def test_published_rules_cut_long_captions_after_sep(tokenizer, tmp_path):
+    """Published: [CLS] caption [SEP], then cut to max_seq_length, so a long caption loses [SEP]
+    (a short one keeps it); the cache keeps the two rules apart."""
+    captions = ["a " + " ".join(WORDS * 3), "dog"]
+    arrays = encode_captions(tokenizer, captions, 8, cache_dir=str(tmp_path), rules="published")
+    assert arrays["input_ids"][0].tolist() == [tokenizer.cls_token_id, *tokenizer.encode(captions[0])[:7]]
+    assert arrays["input_mask"][0].tolist() == [1] * 8
+    short = [tokenizer.cls_token_id, *tokenizer.encode("dog"), tokenizer.sep_token_id]
+    assert arrays["input_ids"][1].tolist() == short + [0] * 5
+    modern = encode_captions(tokenizer, captions, 8, cache_dir=str(tmp_path))
+    assert modern["input_ids"][0][-1] == tokenizer.sep_token_id
+
+
 def test_caption_cache_is_reused_and_keyed_by_length(tmp_path, tokenizer, monkeypatch):
     captions = ["a red dog", "two blue cars", "a tree"]
     cache = tmp_path / "cache"
@@ -396,3 +415,59 @@ def test_pool_pickles_cannot_run_code(tmp_path, world, tokenizer):
     evil.write_bytes(pickle.dumps({"train_image_list": IMAGE_IDS, "train_hard_pool": Evil()}))
     with pytest.raises(ValueError, match="unsafe pickle"):
         RetrievalTrainDataset(annotations, features, tokenizer, str(evil))
+
+
+def _epoch_draws(dataset, num_workers: int, epochs: int = 3) -> list[list[list[int]]]:
+    """Each epoch's candidates (caption and image rows) as the training loop reads them: one
+    persistent-worker loader built once, ``set_epoch`` on the dataset and the sampler each epoch."""
+    ctx = DistContext(rank=0, local_rank=-1, world_size=1, device=torch.device("cpu"))
+    loader = make_loader(
+        dataset, 4, collate_retrieval, ctx, shard=True, shuffle=True, num_workers=num_workers, seed=7
+    )
+    per_epoch = []
+    for epoch in range(epochs):
+        dataset.set_epoch(epoch)
+        loader.batch_sampler.set_epoch(epoch)
+        rows = []
+        for batch in loader:
+            rows.extend(torch.cat([batch["caption_index"], batch["image_index"]], dim=1).tolist())
+        per_epoch.append(rows)
+    return per_epoch
+
+
+@pytest.mark.slow
+def test_negatives_change_every_epoch_in_persistent_workers(world, pool_path, tokenizer):
+    annotations, features = world
+    dataset = RetrievalTrainDataset(
+        annotations, features, tokenizer, pool_path, max_seq_length=T, max_region_num=R, seed=3
+    )
+    with_workers = _epoch_draws(dataset, num_workers=2)
+    dataset.set_epoch(0)
+    in_process = _epoch_draws(dataset, num_workers=0)
+    assert with_workers == in_process
+    # Same captions each epoch (a permutation), other negatives.
+    assert sorted(with_workers[0]) != sorted(with_workers[1]) != sorted(with_workers[2])
+    assert [sorted(row[0] for row in epoch) for epoch in with_workers] == [list(range(len(dataset)))] * 3
+
+
+def test_a_damaged_image_is_named_or_skipped_by_choice(tmp_path, tokenizer, caplog):
+    annotations, features = _write_world(tmp_path, damaged=2)
+    dataset = RetrievalTrainDataset(
+        annotations, features, tokenizer, None, max_seq_length=T, max_region_num=R
+    )
+    with pytest.raises(
+        BadRecordError, match=rf"{features.path} key b'{IMAGE_IDS[2]}': features holds a non-finite"
+    ):
+        [dataset[i] for i in range(len(dataset))]
+
+    skipping = RegionFeatureStore(features.path, on_bad_record="skip")
+    dataset = RetrievalTrainDataset(
+        annotations, skipping, tokenizer, None, max_seq_length=T, max_region_num=R
+    )
+    with caplog.at_level(logging.WARNING):
+        samples = [dataset[i] for i in range(len(dataset))]
+    assert len(samples) == len(dataset)
+    assert all(np.isfinite(sample["image_feat"]).all() for sample in samples)
+    assert all(2 not in sample["image_index"] for sample in samples)
+    assert skipping.bad_records.skipped == 1
+    assert sum("skipping bad record" in r.getMessage() for r in caplog.records) == 1

@@ -147,6 +147,30 @@ def test_missing_key_names_the_file_the_task_and_the_key(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("batch_size", "abc", "TASK1 batch_size: expected a positive whole number, got 'abc'"),
+        ("batch_size", 0, "TASK1 batch_size: expected a positive whole number, got 0"),
+        ("max_region_num", 0, "TASK1 max_region_num: expected a positive whole number, got 0"),
+        ("max_region_num", 1, "TASK1 max_region_num: needs the global region and a box, got 1"),
+        ("num_epoch", 2.5, "TASK1 num_epoch: expected a positive whole number, got 2.5"),
+        ("max_seq_length", 3, "TASK1 max_seq_length: 3 cannot hold"),
+        ("lr", "fast", "TASK1 lr: expected a positive number, got 'fast'"),
+        ("lr", 0, "TASK1 lr: expected a positive number, got 0"),
+    ],
+)
+def test_wrong_typed_or_zero_yaml_values_name_the_file_task_and_key(tmp_path, key, value, message):
+    path = _write_yaml(tmp_path / "tasks.yml", {"TASK1": {**PUBLISHED["TASK1"], key: value}})
+    with pytest.raises(TaskConfigError, match=rf"{path}: {message}"):
+        load_task_configs(path)
+
+
+def test_a_yaml_lr_written_without_a_dot_is_read_as_a_number(tmp_path):
+    path = _write_yaml(tmp_path / "tasks.yml", {"TASK1": {**PUBLISHED["TASK1"], "lr": "2e-5"}})
+    assert load_task_configs(path)["TASK1"].lr == 2e-5
+
+
+@pytest.mark.parametrize(
     ("content", "message"),
     [
         ("TASK1: [1, 2]\n", "TASK1 is not a mapping"),

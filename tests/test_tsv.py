@@ -122,7 +122,7 @@ def test_cli_converts_to_both_lmdbs(tmp_path):
     np.testing.assert_array_equal(last.boxes, images[3]["boxes"])
 
     again = _convert("--input", first, "--output", output, "--feature_dim", "32")
-    assert again.returncode == 1
+    assert again.returncode == 2  # the bad-input status of every script and tool
     assert "already exists" in again.stderr and "--overwrite" in again.stderr
     assert "Traceback" not in again.stderr
     replaced = _convert("--input", first, "--output", output, "--feature_dim", "32", "--overwrite")
@@ -138,7 +138,7 @@ def test_cli_reports_a_truncated_line_and_writes_nothing(tmp_path):
         f.write("\n".join(lines) + "\n")
     output = str(tmp_path / "out.lmdb")
     result = _convert("--input", path, "--output", output, "--feature_dim", "8")
-    assert result.returncode == 1
+    assert result.returncode == 2  # the bad-input status of every script and tool
     assert f"{path}:3:" in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(output)
     assert sorted(os.listdir(tmp_path)) == ["bad.tsv"]
@@ -154,3 +154,81 @@ def test_pretraining_output_needs_cls_prob_and_captions(tmp_path):
         convert_tsv_to_lmdb([path], pretrain_output=str(tmp_path / "p.lmdb"), feature_dim=8)
     result = _convert("--input", path, "--pretrain_output", str(tmp_path / "p.lmdb"))
     assert result.returncode == 2 and "--captions" in result.stderr
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("convert_tsv_to_lmdb: error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "caption, shown", [(None, "is null"), (["a", "list"], 'list ["a", "list"]'), (7, "int 7"), ("  ", "str")]
+)
+def test_cli_refuses_a_caption_that_is_not_text(tmp_path, caption, shown):
+    path = _write_tsv(tmp_path / "train.tsv", _images(2, 8, classes=3))
+    captions = tmp_path / "caption_train.json"
+    captions.write_text(json.dumps({"500": "a red dog", "501": caption}))
+    pretrain = tmp_path / "train.lmdb"
+    result = _convert(
+        "--input", path, "--pretrain_output", str(pretrain), "--captions", str(captions), "--feature_dim", "8"
+    )
+    error = _one_line_error(result)
+    assert f"{captions}: caption of image '501' is " in error and shown in error and "None" not in error
+    assert not pretrain.exists()
+
+
+def test_cli_refuses_a_pretraining_lmdb_without_a_single_caption(tmp_path):
+    path = _write_tsv(tmp_path / "train.tsv", _images(2, 8, classes=3))
+    captions = tmp_path / "caption_train.json"
+    captions.write_text(json.dumps({"train-500": "a red dog"}))  # ids that match no TSV image
+    output, pretrain = tmp_path / "features.lmdb", tmp_path / "train.lmdb"
+    result = _convert(
+        "--input", path, "--output", str(output), "--pretrain_output", str(pretrain),
+        "--captions", str(captions), "--feature_dim", "8",
+    )  # fmt: skip
+    error = _one_line_error(result)
+    assert f"{captions}: none of the 2 images of {path} has a caption" in error
+    assert sorted(os.listdir(tmp_path)) == ["caption_train.json", "train.tsv"]  # nothing written
+
+
+def _damaged_row(images: list[dict], case: str) -> None:
+    if case == "nan_features":
+        images[1]["features"][2, 3] = np.nan
+    elif case == "inf_boxes":
+        images[1]["boxes"][0, 2] = np.inf
+    elif case == "box_outside":
+        images[1]["boxes"][0] = [0, 0, 6400, 10]
+    elif case == "zero_width":
+        images[1]["image_w"] = 0
+    else:
+        images[1]["image_h"] = "tall"
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("nan_features", "features holds a non-finite value"),
+        ("inf_boxes", "boxes holds a non-finite value"),
+        ("box_outside", "box 0 [0.0, 0.0, 6400.0, 10.0] lies outside the 640x480 image"),
+        ("zero_width", "image size 0x480 is not positive"),
+        ("text_height", "bad image_w/image_h/num_boxes"),
+    ],
+)
+def test_cli_names_the_file_and_line_of_a_damaged_row(tmp_path, case, message):
+    images = _images(3, 8)
+    _damaged_row(images, case)
+    path = _write_tsv(tmp_path / "bad.tsv", images)
+    result = _convert("--input", path, "--output", str(tmp_path / "out.lmdb"), "--feature_dim", "8")
+    error = _one_line_error(result)
+    assert f"{path}:2" in error and message in error
+    assert sorted(os.listdir(tmp_path)) == ["bad.tsv"]
+
+
+def test_cli_refuses_an_empty_tsv(tmp_path):
+    path = tmp_path / "empty.tsv"
+    path.write_text("")
+    result = _convert("--input", str(path), "--output", str(tmp_path / "out.lmdb"), "--feature_dim", "8")
+    assert f"{path}: no image rows" in _one_line_error(result)
+    assert sorted(os.listdir(tmp_path)) == ["empty.tsv"]

@@ -16,6 +16,7 @@ from vilbert.datasets.features import (
     write_region_features,
 )
 from vilbert.datasets.jsonl import AnnotationError
+from vilbert.datasets.validation import BadRecordError
 from vilbert.datasets.vcr import (
     VCRDataset,
     collate_vcr,
@@ -335,3 +336,53 @@ def test_missing_images_and_other_bad_inputs(world, tokenizer):
     with pytest.raises(FileNotFoundError, match="names table not found"):
         load_unisex_names(str(world["tmp"] / "absent.csv"))
     assert load_unisex_names(world["names"]) == NAMES
+
+
+def test_a_damaged_image_is_named_or_skipped_by_choice(world, tokenizer):
+    damaged = str(world["tmp"] / "damaged_det.lmdb")
+    records = [_records(vcr_image_id(i), n_det, 0.0) for i, (n_det, _) in IMAGES.items()]
+    records[1]["boxes"][0] = [0, 0, 400, 5]  # train-7: a box ten times as wide as its 40-pixel image
+    write_region_features(damaged, records)
+    args = ("VCR_Q-A", world["train"], world["gt"])
+    strict = VCRDataset(*args, RegionFeatureStore(damaged), tokenizer, world["names"], T, R)
+    with pytest.raises(BadRecordError, match=rf"{damaged} key b'7': box 0 .* outside the 40x50 image"):
+        [strict[i] for i in range(len(strict))]
+
+    skipping = RegionFeatureStore(damaged, on_bad_record="skip")
+    dataset = VCRDataset(*args, skipping, tokenizer, world["names"], T, R)
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert len(samples) == 12 and {int(s["image_id"]) for s in samples} == {vcr_image_id("train-1")}
+    assert skipping.bad_records.skipped == 1
+
+
+def test_published_rules_truncate_the_shared_question_in_place(world, tokenizer):
+    """Published: the question is cut in place while paired with each option in turn, so an option
+    sees the question as the options before it left it. Options of different lengths show it: a
+    long option cuts the question, and a later short option gets the cut question, not the whole."""
+    long_question = ["why"] + ["very"] * 14 + ["?"]
+    options = [["a"] * 12 + ["."], ["no", "."], ["yes", "."], ["maybe", "."]]
+    example = {**_example(0, "train-1"), "question": long_question, "answer_choices": options}
+    path = _write_jsonl(world["tmp"] / "shared.jsonl", [example])
+    modern = _dataset(world, tokenizer, path=path, max_seq_length=16)[0]
+    published = _dataset(world, tokenizer, path=path, max_seq_length=16, rules="published")[0]
+    # 13 = 16 - 3 tokens for both texts. Option 0 (13 tokens) leaves the question 7 (ties cut B).
+    assert [len(_parts(modern, row, tokenizer)[0]) for row in range(4)] == [7, 11, 11, 11]
+    assert [len(_parts(published, row, tokenizer)[0]) for row in range(4)] == [7, 7, 7, 7]
+    assert _parts(published, 0, tokenizer) == _parts(modern, 0, tokenizer)
+
+
+def test_published_rules_draw_each_persons_name_on_its_own(world, tokenizer, tmp_path):
+    """Published: one name per person, drawn independently, so two persons can share a name;
+    corrected: the names of a question are distinct. Two names, two persons, many questions."""
+    names = tmp_path / "two_names.csv"
+    names.write_text(",name,total,male_share,female_share,gap\n0,casey,1,0.5,0.5,0\n1,jordan,1,0.5,0.5,0\n")
+    path = _write_jsonl(tmp_path / "many.jsonl", [_example(k, "train-1") for k in range(40)])
+
+    def shared_names(rules: str) -> int:
+        dataset = VCRDataset(
+            "VCR_Q-A", path, world["gt"], world["det"], tokenizer, str(names), T, R, rules=rules
+        )
+        return sum(len(set(dataset.object_names(q)[:2])) == 1 for q in range(len(dataset)))
+
+    assert shared_names("modern") == 0
+    assert 10 <= shared_names("published") <= 30  # about half of 40 (p = 1/2)

@@ -10,8 +10,8 @@ import argparse
 import logging
 import sys
 
-from vilbert.datasets.features import LMDBFormatError
 from vilbert.datasets.hard_negatives import hard_negatives_from_annotations
+from vilbert.errors import EXIT_BAD_INPUT, BadInputError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,7 +25,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pool_size", type=int, default=100, help="images per pool row, the image itself included"
     )
     parser.add_argument("--chunk", type=int, default=1024, help="rows of the similarity matrix held at once")
-    return parser.parse_args(argv)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    args = parser.parse_args(argv)
+    for flag, minimum in (("pool_size", 2), ("chunk", 1)):  # the image itself and one negative
+        if getattr(args, flag) < minimum:
+            parser.error(f"--{flag} must be at least {minimum}, got {getattr(args, flag)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         hard_negatives_from_annotations(
-            args.features, args.annotations, args.output, args.pool_size, args.chunk
+            args.features, args.annotations, args.output, args.pool_size, args.chunk, args.overwrite
         )
-    except (LMDBFormatError, KeyError, FileNotFoundError, ValueError) as err:
+    except (BadInputError, OSError) as err:  # bad or damaged input, an existing output, a full disk
         print(f"build_hard_negatives: error: {err}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
     return 0
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vilbert.vcr_eval import format_q_ar, leaderboard_from_files, q_ar_from_files
+from vilbert.errors import EXIT_BAD_INPUT, BadInputError
+from vilbert.vcr_eval import format_q_ar, leaderboard_from_files, load_results_pair, q_ar_from_files
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,13 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.submission:
+            load_results_pair(args.qa, args.qar)  # refuse swapped files before writing anything
             count = leaderboard_from_files(args.qa, args.qar, args.annotations, args.submission)
             print(f"leaderboard submission: {count} questions -> {args.submission}")
         else:
             print(format_q_ar(q_ar_from_files(args.qa, args.qar, args.annotations)))
-    except (ValueError, OSError) as err:
+    except (BadInputError, ValueError, OSError) as err:
         print(f"compute_q_ar: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     return 0
 
 

@@ -11,8 +11,9 @@ import argparse
 import logging
 import sys
 
-from vilbert.datasets.features import LMDBFormatError
-from vilbert.datasets.tsv import TSVFormatError, convert_tsv_to_lmdb, read_caption_json
+from vilbert.datasets.captions import load_caption_json
+from vilbert.datasets.tsv import convert_tsv_to_lmdb
+from vilbert.errors import EXIT_BAD_INPUT, BadInputError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -20,7 +21,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--input", nargs="+", required=True, help="one or more bottom-up-attention TSV files")
-    parser.add_argument("--output", help="region-feature LMDB to write (a directory, the §1 format)")
+    parser.add_argument("--output", help="region-feature LMDB to write (a directory; docs/data.md §1)")
     parser.add_argument(
         "--pretrain_output", help="pretraining LMDB to write (single file, tensorpack layout)"
     )
@@ -42,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        captions = read_caption_json(args.captions) if args.captions else None
+        captions = None
+        if args.captions:
+            captions = load_caption_json(args.captions, allow_empty=True, allow_blank=False)
         stats = convert_tsv_to_lmdb(
             args.input,
             output=args.output,
@@ -51,11 +54,12 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             feature_dim=args.feature_dim,
             serializer=args.serializer,
-            progress=True,
+            progress=sys.stderr.isatty(),  # a bar in a log file is noise before the error line
+            captions_source=args.captions or "the captions",
         )
-    except (TSVFormatError, LMDBFormatError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (BadInputError, OSError) as err:  # bad or damaged input, an existing output, a full disk
         print(f"convert_tsv_to_lmdb: error: {err}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
     logging.info(
         "converted %d images (%d region-feature, %d pretraining)",
         stats.images,

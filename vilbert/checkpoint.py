@@ -17,6 +17,7 @@ from torch import nn
 
 from vilbert.atomic import atomic_torch_save
 from vilbert.distributed import unwrap_model
+from vilbert.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +28,13 @@ BERT_MODEL_PREFIXES = ("embeddings.", "encoder.", "pooler.")
 IGNORED_KEYS = ("bert.embeddings.position_ids",)
 # Hugging Face also stores the MLM bias as the decoder's bias (the same tensor).
 DECODER_BIAS, MLM_BIAS = "cls.predictions.decoder.bias", "cls.predictions.bias"
+# Parameters that are another one under a second name (the MSM decoder is the word embedding):
+# a file needs only the source, and loading it ties the alias back.
+TIED_WEIGHTS = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
 LIST_PREVIEW = 8
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInputError):
     """A checkpoint that cannot be loaded into the model it was given to."""
 
 
@@ -108,11 +112,7 @@ def load_state_dict_into(
                 f"{source}: shape mismatch for {key}: checkpoint {tuple(value.shape)}, "
                 f"model {tuple(own[key].shape)} (is --config_file the one this checkpoint was trained with?)"
             )
-    tied = (
-        {"cls.predictions.decoder.weight"}
-        if "bert.embeddings.word_embeddings.weight" in state_dict
-        else set()
-    )
+    tied = {alias for alias, source in TIED_WEIGHTS.items() if source in state_dict}
     missing = sorted(k for k in own if k not in state_dict and k not in tied)
     unexpected = sorted(k for k in state_dict if k not in own)
     if strict and (missing or unexpected):
@@ -131,6 +131,28 @@ def load_state_dict_into(
 def load_pretrained(model: nn.Module, path: str, strict: bool = False) -> tuple[list[str], list[str]]:
     """Load ``path`` (any supported file or folder) into ``model``."""
     return load_state_dict_into(model, read_state_dict(path), source=path, strict=strict)
+
+
+def untied_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict on CPU, contiguous, without the aliases of ``TIED_WEIGHTS``.
+
+    Formats that refuse shared storage (safetensors) need every tensor once; loading restores the
+    alias because it is the same parameter as its source. Any other sharing is a bug here.
+    """
+    state = unwrap_model(model).state_dict()
+    kept: dict[str, torch.Tensor] = {}
+    owner: dict[tuple[int, int], str] = {}
+    for key, tensor in state.items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if identity in owner and tensor.numel():
+            if TIED_WEIGHTS.get(key) != owner[identity]:
+                raise RuntimeError(
+                    f"{key} shares storage with {owner[identity]}, a tie this format cannot store"
+                )
+            continue
+        owner[identity] = key
+        kept[key] = tensor.detach().cpu().contiguous()
+    return kept
 
 
 def save_state_dict(model: nn.Module, path: str) -> None:

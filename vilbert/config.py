@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from vilbert.errors import BadInputError
+
 logger = logging.getLogger(__name__)
 
 # Keys the published JSON carries that the InterBERT model never reads (ViLBERT co-attention
@@ -39,13 +41,13 @@ ACTIVATIONS = ("gelu", "relu", "swish")
 FUSION_METHODS = ("mul", "sum")
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInputError):
     """An invalid or unreadable model configuration."""
 
 
 @dataclass
 class BertConfig:
-    """Sizes of the interaction, text-extraction and image-extraction modules (see model.md)."""
+    """Sizes of the interaction, text-extraction and image-extraction modules (see ``docs/model.md``)."""
 
     vocab_size: int = 30522
     hidden_size: int = 768

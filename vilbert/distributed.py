@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vilbert.errors import BadInputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -58,7 +60,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise BadInputError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def init_distributed(local_rank_arg: int = -1, no_cuda: bool = False) -> DistContext:
@@ -70,7 +72,7 @@ def init_distributed(local_rank_arg: int = -1, no_cuda: bool = False) -> DistCon
     rank = _env_int("RANK")
     if rank is None:
         if local_rank_arg != -1:
-            raise ValueError(
+            raise BadInputError(
                 f"--local_rank {local_rank_arg} was given but RANK/WORLD_SIZE are not set: "
                 "launch with torchrun or python -m torch.distributed.launch"
             )
@@ -79,7 +81,7 @@ def init_distributed(local_rank_arg: int = -1, no_cuda: bool = False) -> DistCon
 
     world_size = _env_int("WORLD_SIZE")
     if world_size is None:
-        raise ValueError(f"RANK={rank} is set but WORLD_SIZE is not: launch with torchrun")
+        raise BadInputError(f"RANK={rank} is set but WORLD_SIZE is not: launch with torchrun")
     env_local_rank = _env_int("LOCAL_RANK")
     if env_local_rank is not None and local_rank_arg not in (-1, env_local_rank):
         logger.warning(
@@ -87,11 +89,11 @@ def init_distributed(local_rank_arg: int = -1, no_cuda: bool = False) -> DistCon
         )
     local_rank = env_local_rank if env_local_rank is not None else local_rank_arg
     if local_rank == -1:
-        raise ValueError("RANK is set but neither LOCAL_RANK nor --local_rank is: launch with torchrun")
+        raise BadInputError("RANK is set but neither LOCAL_RANK nor --local_rank is: launch with torchrun")
 
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(
+            raise BadInputError(
                 f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible "
                 "(use --nproc_per_node <= the number of GPUs, or --no_cuda)"
             )

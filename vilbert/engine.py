@@ -14,9 +14,16 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from vilbert.bert_adam import BertAdam
 from vilbert.distributed import barrier, gather_to_main
 from vilbert.ema import ExponentialMovingAverage
-from vilbert.training_state import NonFiniteGuard, TrainingState, capture_rng_state, save_training_state
+from vilbert.training_state import (
+    NonFiniteGuard,
+    TrainingState,
+    capture_rng_state,
+    load_training_state,
+    save_training_state,
+)
 
 
 class Optimization:
@@ -40,7 +47,6 @@ class Optimization:
         self.max_grad_norm = max_grad_norm
         self.ema = ema
         self._loss_sum: torch.Tensor | float = 0.0
-        self._pending = 0
 
     def micro_step(self, will_step: bool) -> contextlib.AbstractContextManager:
         """Wrap forward + backward of a micro-batch; gradients sync across ranks only before a step."""
@@ -56,12 +62,11 @@ class Optimization:
         """
         self._loss_sum = self._loss_sum + loss.detach().float()
         self.scaler.scale(loss * scale).backward()
-        self._pending += 1
 
     def step(self) -> bool:
         """Apply the accumulated gradients; False when the step was skipped (non-finite loss)."""
         skip = self.guard.check(self._loss_sum)
-        self._loss_sum, self._pending = 0.0, 0
+        self._loss_sum = 0.0
         if skip:
             self.optimizer.zero_grad(set_to_none=True)
             return False
@@ -78,13 +83,10 @@ class Optimization:
             self.ema.update(self.model)
         return True
 
-    @property
-    def pending(self) -> int:
-        """Micro-batches accumulated since the last step."""
-        return self._pending
-
     def save_state(self, path: str, state: TrainingState, is_main: bool) -> None:
-        """Write the resumable state of everything this step owns, with every rank's RNG (a collective)."""
+        """Write the resumable state of everything this step owns, with every rank's RNG (a collective).
+
+        The guard's counters travel in ``state``; :meth:`load_state` puts them back."""
         state.bad_steps, state.skipped_steps = self.guard.bad_steps, self.guard.skipped_steps
         rng = gather_to_main(capture_rng_state())
         if is_main:
@@ -93,5 +95,16 @@ class Optimization:
             )
         barrier()
 
+    def load_state(self, path: str, rank: int) -> TrainingState:
+        """Restore what :meth:`save_state` wrote; returns the loop position."""
+        state = load_training_state(
+            path, self.model, self.optimizer, self.scheduler, self.scaler, self.ema, rank=rank
+        )
+        self.guard.bad_steps, self.guard.skipped_steps = state.bad_steps, state.skipped_steps
+        return state
+
     def learning_rate(self) -> float:
+        """The learning rate of the first group's next update (BertAdam schedules inside itself)."""
+        if isinstance(self.optimizer, BertAdam):
+            return self.optimizer.scheduled_lr()
         return float(self.optimizer.param_groups[0]["lr"])

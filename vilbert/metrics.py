@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from vilbert.errors import BadInputError
+
 RECALL_AT = (1, 5, 10)
 
 
@@ -19,31 +21,31 @@ def _check_scores(scores: np.ndarray, caption_image_index: np.ndarray) -> tuple[
     scores = np.asarray(scores)
     index = np.asarray(caption_image_index)
     if scores.ndim != 2:
-        raise ValueError(f"scores must be a [num_captions, num_images] matrix, got shape {scores.shape}")
+        raise BadInputError(f"scores must be a [num_captions, num_images] matrix, got shape {scores.shape}")
     if index.ndim != 1 or index.shape[0] != scores.shape[0]:
-        raise ValueError(
+        raise BadInputError(
             f"caption_image_index must hold one image index per caption ({scores.shape[0]}), "
             f"got shape {index.shape}"
         )
     if index.size and not np.issubdtype(index.dtype, np.integer):
-        raise ValueError(f"caption_image_index must be integers, got dtype {index.dtype}")
+        raise BadInputError(f"caption_image_index must be integers, got dtype {index.dtype}")
     num_images = scores.shape[1]
     bad = np.flatnonzero((index < 0) | (index >= num_images))
     if bad.size:
         caption = int(bad[0])
-        raise ValueError(
+        raise BadInputError(
             f"{bad.size} caption(s) point at an image outside the score matrix: caption {caption} -> "
             f"image {int(index[caption])}, but there are {num_images} images (is the image missing?)"
         )
     if np.isnan(scores).any():
-        raise ValueError(f"scores contain {int(np.isnan(scores).sum())} NaN value(s)")
+        raise BadInputError(f"scores contain {int(np.isnan(scores).sum())} NaN value(s)")
     return scores, index.astype(np.int64)
 
 
 def _summary(ranks: np.ndarray) -> dict[str, float]:
     """R@K in percent, median rank (floored, as published) and mean rank of 1-based ranks."""
     if ranks.size == 0:
-        raise ValueError("no queries to evaluate: the score matrix is empty")
+        raise BadInputError("no queries to evaluate: the score matrix is empty")
     metrics = {f"r{k}": float(100.0 * np.mean(ranks <= k)) for k in RECALL_AT}
     metrics["medr"] = float(np.floor(np.median(ranks)))
     metrics["meanr"] = float(np.mean(ranks))
@@ -97,9 +99,9 @@ def top_k_images(scores: np.ndarray, k: int = 20) -> np.ndarray:
     """The k best image columns per caption, best first; equal scores keep the lower column first."""
     scores = np.asarray(scores)
     if scores.ndim != 2:
-        raise ValueError(f"scores must be a [num_captions, num_images] matrix, got shape {scores.shape}")
+        raise BadInputError(f"scores must be a [num_captions, num_images] matrix, got shape {scores.shape}")
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise BadInputError(f"k must be at least 1, got {k}")
     return np.argsort(-scores, axis=1, kind="stable")[:, : min(k, scores.shape[1])]
 
 
@@ -109,13 +111,13 @@ def _predictions_by_id(results: Sequence[Mapping[str, Any]], what: str) -> dict[
     for position, entry in enumerate(results):
         for key in ("question_id", "answer"):
             if key not in entry:
-                raise ValueError(f"{what}: entry {position} has no '{key}' key (keys: {sorted(entry)})")
+                raise BadInputError(f"{what}: entry {position} has no '{key}' key (keys: {sorted(entry)})")
         question_id = str(entry["question_id"])
         if question_id in predictions:
-            raise ValueError(f"{what}: question id {question_id!r} appears more than once")
+            raise BadInputError(f"{what}: question id {question_id!r} appears more than once")
         probabilities = np.asarray(entry["answer"], dtype=np.float64)
         if probabilities.ndim != 1 or probabilities.size == 0:
-            raise ValueError(f"{what}: entry {position} ('{question_id}') has no option scores")
+            raise BadInputError(f"{what}: entry {position} ('{question_id}') has no option scores")
         predictions[question_id] = int(np.argmax(probabilities))
     return predictions
 
@@ -128,13 +130,13 @@ def _check_same_ids(predictions: Mapping[str, int], labels: Mapping[str, int], w
     """Results and ground truth must cover the same questions: a mismatch means another split."""
     unknown = sorted(set(predictions) - set(labels))
     if unknown:
-        raise ValueError(
+        raise BadInputError(
             f"{what}: {len(unknown)} result id(s) are not in the ground truth (e.g. {unknown[0]!r}); "
             "are the results from another split?"
         )
     missing = sorted(set(labels) - set(predictions))
     if missing:
-        raise ValueError(
+        raise BadInputError(
             f"{what}: {len(missing)} ground-truth question(s) have no result (e.g. {missing[0]!r}); "
             "are the results incomplete or from another split?"
         )
@@ -150,7 +152,7 @@ def vcr_accuracy(results: Sequence[Mapping[str, Any]], ground_truth: Mapping[Any
     labels = _labels_by_id(ground_truth)
     _check_same_ids(predictions, labels, "results")
     if not labels:
-        raise ValueError("no questions to evaluate: results and ground truth are empty")
+        raise BadInputError("no questions to evaluate: results and ground truth are empty")
     correct = sum(predictions[question_id] == label for question_id, label in labels.items())
     return 100.0 * correct / len(labels)
 
@@ -170,7 +172,7 @@ def q_ar_accuracy(
     _check_same_ids(answers, gold_answers, "Q->A results")
     _check_same_ids(rationales, gold_rationales, "QA->R results")
     if not gold_answers:
-        raise ValueError("no questions to evaluate: results and ground truth are empty")
+        raise BadInputError("no questions to evaluate: results and ground truth are empty")
 
     answer_right = {qid: answers[qid] == label for qid, label in gold_answers.items()}
     rationale_right = {qid: rationales[qid] == label for qid, label in gold_rationales.items()}

@@ -13,6 +13,7 @@ published; attention runs through ``scaled_dot_product_attention`` unless the pl
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,10 +49,12 @@ class SelfAttention(nn.Module):
         return x.view(b, n, self.num_heads, self.head_size).transpose(1, 2)
 
     def forward(
-        self, hidden: torch.Tensor, mask: torch.Tensor, need_probs: bool = False
+        self, hidden: torch.Tensor, mask: torch.Tensor, need_probs: bool = False, rows: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``rows``: compute the output of the first ``rows`` positions only (keys and values still
+        come from every position)."""
         q, k, v = (
-            self._heads(self.query(hidden)),
+            self._heads(self.query(hidden[:, :rows])),
             self._heads(self.key(hidden)),
             self._heads(self.value(hidden)),
         )
@@ -85,10 +88,10 @@ class Attention(nn.Module):
         self.output = SelfOutput(hidden_size, hidden_size, hidden_dropout)
 
     def forward(
-        self, hidden: torch.Tensor, mask: torch.Tensor, need_probs: bool = False
+        self, hidden: torch.Tensor, mask: torch.Tensor, need_probs: bool = False, rows: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        context, probs = self.self(hidden, mask, need_probs)
-        return self.output(context, hidden), probs
+        context, probs = self.self(hidden, mask, need_probs, rows)
+        return self.output(context, hidden[:, :rows]), probs
 
 
 class Intermediate(nn.Module):
@@ -119,9 +122,10 @@ class TransformerLayer(nn.Module):
         self.output = SelfOutput(intermediate_size, hidden_size, hidden_dropout)
 
     def forward(
-        self, hidden: torch.Tensor, mask: torch.Tensor, need_probs: bool = False
+        self, hidden: torch.Tensor, mask: torch.Tensor, need_probs: bool = False, rows: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, probs = self.attention(hidden, mask, need_probs)
+        """``rows``: the layer for the first ``rows`` positions only ([B, rows, H])."""
+        attended, probs = self.attention(hidden, mask, need_probs, rows)
         return self.output(self.intermediate(attended), attended), probs
 
 
@@ -200,7 +204,10 @@ class InterBertEncoder(nn.Module):
         text_mask: torch.Tensor,
         image_mask: torch.Tensor,
         need_probs: bool = False,
+        first_position_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """``first_position_only``: the last text and image layers compute position 0 only (all the
+        poolers read), so the streams come back as [B, 1, H]; scoring needs no more."""
         num_regions = image.shape[1]
         attentions: list[torch.Tensor] = []
         hidden = torch.cat((image, text), dim=1)
@@ -208,13 +215,28 @@ class InterBertEncoder(nn.Module):
             hidden, probs = layer(hidden, joint_mask, need_probs)
             attentions += [probs] if need_probs else []
         image, text = hidden[:, :num_regions], hidden[:, num_regions:]
-        for layer in self.layer[self.num_interaction :]:
-            text, probs = layer(text, text_mask, need_probs)
-            attentions += [probs] if need_probs else []
-        for layer in self.v_layer:
-            image, probs = layer(image, image_mask, need_probs)
-            attentions += [probs] if need_probs else []
+        text = self._stream(
+            self.layer[self.num_interaction :], text, text_mask, need_probs, first_position_only, attentions
+        )
+        image = self._stream(self.v_layer, image, image_mask, need_probs, first_position_only, attentions)
         return text, image, attentions
+
+    @staticmethod
+    def _stream(
+        layers: Sequence[nn.Module],
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        need_probs: bool,
+        first_position_only: bool,
+        attentions: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """One extraction stream; with ``first_position_only`` its last layer (or, without layers, the
+        stream itself) is cut to position 0."""
+        for index, layer in enumerate(layers):
+            rows = 1 if first_position_only and index == len(layers) - 1 else None
+            hidden, probs = layer(hidden, mask, need_probs, rows)
+            attentions += [probs] if need_probs else []
+        return hidden[:, :1] if first_position_only else hidden
 
 
 class Pooler(nn.Module):
@@ -260,13 +282,30 @@ class InterBertPreTrainedModel(nn.Module):
                 module.use_sdpa = use_sdpa
 
     @classmethod
-    def from_pretrained(cls, path: str, config: BertConfig, *args, strict: bool = False, **kwargs):
-        """Build from ``config`` and load ``path`` (file or folder, any format of ``checkpoint.py``)."""
+    def from_pretrained(
+        cls, path: str, config: BertConfig | None = None, *args, strict: bool = False, **kwargs
+    ):
+        """Build from ``config`` and load ``path`` (file or folder, any format of ``checkpoint.py``);
+        with ``config=None``, ``path`` is a model folder and its ``config.json`` gives the sizes."""
         from vilbert.checkpoint import load_pretrained
 
+        if config is None:
+            from vilbert.model_folder import init_kwargs, read_folder_config
+
+            saved = read_folder_config(path)
+            config, kwargs = saved.config, init_kwargs(cls, saved, kwargs, path)
         model = cls(config, *args, **kwargs)
         load_pretrained(model, path, strict=strict)
         return model
+
+    def save_pretrained(
+        self, folder: str, vocab: str | None = None, card: dict | None = None, overwrite: bool = False
+    ) -> str:
+        """Write a model folder (``config.json``, ``model.safetensors``, ``vocab.txt``, ``README.md``)
+        that ``from_pretrained(folder)`` reads back; ``card`` holds recipe and metrics for the README."""
+        from vilbert.model_folder import write_model_folder
+
+        return write_model_folder(self, folder, vocab=vocab, card=card, overwrite=overwrite)
 
 
 class InterBertModel(InterBertPreTrainedModel):
@@ -296,16 +335,39 @@ class InterBertModel(InterBertPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         if image_attention_mask is None:
             image_attention_mask = image_feat.new_ones(image_feat.shape[:2], dtype=torch.long)
+        return self.encode(
+            self.embeddings(input_ids, token_type_ids),
+            self.v_embeddings(image_feat, image_loc),
+            attention_mask,
+            image_attention_mask,
+            multimodal_mask,
+            output_attentions,
+        )
+
+    def encode(
+        self,
+        text: torch.Tensor,
+        image: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_attention_mask: torch.Tensor,
+        multimodal_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        first_position_only: bool = False,
+    ) -> InterBertOutput:
+        """The encoder and poolers on embedded text ``embeddings(...)`` and image ``v_embeddings(...)``:
+        what ``forward`` runs after embedding, public so that a scorer can embed each image once.
+        ``first_position_only``: see :meth:`InterBertEncoder.forward`."""
         if multimodal_mask is None:
             multimodal_mask = torch.cat((image_attention_mask, attention_mask), dim=1)
         dtype = self.embeddings.word_embeddings.weight.dtype
         text, image, attentions = self.encoder(
-            self.embeddings(input_ids, token_type_ids),
-            self.v_embeddings(image_feat, image_loc),
+            text,
+            image,
             additive_mask(multimodal_mask, dtype),
             additive_mask(attention_mask, dtype),
             additive_mask(image_attention_mask, dtype),
             need_probs=output_attentions,
+            first_position_only=first_position_only,
         )
         return InterBertOutput(text, image, self.t_pooler(text), self.v_pooler(image), attentions)
 
@@ -346,6 +408,11 @@ class ImagePredictionHead(nn.Module):
         return self.decoder(self.transform(hidden))
 
 
+def fuse(pooled_t: torch.Tensor, pooled_v: torch.Tensor, method: str) -> torch.Tensor:
+    """The two pooled vectors made one: elementwise product (``mul``) or sum."""
+    return pooled_t * pooled_v if method == "mul" else pooled_t + pooled_v
+
+
 class PreTrainingHeads(nn.Module):
     """``cls``: masked-segment, image-text matching (class 0 = matched) and masked-region heads."""
 
@@ -359,8 +426,7 @@ class PreTrainingHeads(nn.Module):
 
     def fuse(self, pooled_t: torch.Tensor, pooled_v: torch.Tensor) -> torch.Tensor:
         """``mul`` fusion is dropped out; ``sum`` is too (the published heads apply dropout to both)."""
-        fused = pooled_t * pooled_v if self.fusion_method == "mul" else pooled_t + pooled_v
-        return self.dropout(fused)
+        return self.dropout(fuse(pooled_t, pooled_v, self.fusion_method))
 
     def itm(self, out: InterBertOutput) -> torch.Tensor:
         return self.bi_seq_relationship(self.fuse(out.pooled_output_t, out.pooled_output_v))
@@ -525,8 +591,8 @@ class InterBertForVLTasks(InterBertPreTrainedModel):
             image_attention_mask,
             multimodal_mask,
         )
-        fused_t, fused_v = out.pooled_output_t, out.pooled_output_v
-        fused = self.dropout(fused_t * fused_v if self.fusion_method == "mul" else fused_t + fused_v)
+        # Its own dropout, as published (the ITM head below draws from the heads' dropout).
+        fused = self.dropout(fuse(out.pooled_output_t, out.pooled_output_v, self.fusion_method))
         heads = VLTaskOutput(
             vil_prediction=self.vil_prediction(fused),
             vil_logit=self.vil_logit(fused),

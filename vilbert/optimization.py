@@ -1,16 +1,17 @@
 """Parameter groups, optimisers, learning-rate schedules, step counting and `--freeze`.
 
-Facts kept from the published code:
-- weight decay 0.01 on weights and 0 on biases and LayerNorm parameters. (The published
-  fine-tuning script swapped the two groups by mistake; here they are the right way round.)
-- `BertAdam`: Adam without bias correction, eps 1e-6, decoupled weight decay added to the update.
-  Unlike pytorch-pretrained-bert's, it has no built-in schedule and no built-in gradient
-  clipping: the LR scheduler below owns the schedule and the trainer clips.
-- schedules are multipliers of each group's base lr, indexed by the number of optimiser steps
-  already taken, so the first step of a warm-up runs at lr 0 (as published and as in HF).
-- fine-tuning: warm-up constant, then ×0.1 at epochs 12, 16, 20, 22, 26 (`--lr_scheduler
-  mannul`, spelling kept), or reduce-on-plateau of the validation score (`automatic`: mode max,
-  factor 0.2, patience 1, cooldown 1, relative threshold 1e-3, as published).
+Facts kept from the published code (``docs/training.md`` has the whole recipe):
+- one no-decay rule: a parameter whose name holds ``bias`` or a norm (``LayerNorm``) gets no weight
+  decay; on this model's names it is the published list ``bias``, ``LayerNorm.bias``,
+  ``LayerNorm.weight``. The published ``--from_pretrained`` pretraining and the published
+  fine-tuning **swap** the two (decay on biases and norms only); ``--recipe published`` keeps that,
+  ``--recipe modern`` corrects it.
+- ``--from_pretrained`` pretraining trains the BERT-initialised parameters at 0.1 x lr.
+- the modern schedules are multipliers of each group's base lr, indexed by the optimiser steps
+  already taken, so the first step of a warm-up runs at lr 0, as BertAdam's own schedule does.
+- fine-tuning: ×0.1 at epochs 12, 16, 20, 22, 26 (`--lr_scheduler mannul`, spelling kept), or
+  reduce-on-plateau of the validation score (`automatic`: mode max, factor 0.2, patience 1,
+  cooldown 1, relative threshold 1e-3, as published), on top of the warm-up.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import inspect
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,88 +28,64 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from vilbert.bert_adam import ADAM_BETAS, ADAM_EPS, BertAdam
 from vilbert.distributed import unwrap_model
+from vilbert.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("AdamW", "BertAdam")
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-6
 MANUAL_MILESTONES = (12, 16, 20, 22, 26)
 FINE_TUNE_SCHEDULES = ("mannul", "manual", "automatic")
+WEIGHT_DECAY = 0.01
+BERT_BASE_LAYERS = 12  # the published 0.1x list holds bert-base's encoder.layer.0-11
+_BERT_INITIALISED = re.compile(
+    r"^bert\.(?:embeddings\.(?:word_embeddings|position_embeddings|token_type_embeddings)\.weight$"
+    r"|embeddings\.LayerNorm\.|encoder\.layer\.(\d+)\.)"
+)
 
 
-def _no_decay(name: str) -> bool:
-    lowered = name.lower()
-    return "bias" in lowered or "norm" in lowered  # covers LayerNorm, layer_norm, norm
+def no_decay(name: str) -> bool:
+    """The one no-decay rule: biases and norm parameters."""
+    return "bias" in name or "norm" in name.lower()
 
 
-def param_groups(model: nn.Module, weight_decay: float = 0.01) -> list[dict[str, Any]]:
-    """Two groups: weights decay, biases and norm parameters do not. Frozen parameters are left out.
+def is_bert_initialised(name: str) -> bool:
+    """A parameter that a bert-base checkpoint initialises: the text embeddings and ``encoder.layer.N``
+    (N < 12: the interaction and text layers), not ``v_embeddings``, ``v_layer``, poolers or heads."""
+    match = _BERT_INITIALISED.match(name)
+    return bool(match) and (match.group(1) is None or int(match.group(1)) < BERT_BASE_LAYERS)
 
-    named_parameters() yields a tied parameter once, so it is never optimised twice.
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float = WEIGHT_DECAY,
+    lr: float | None = None,
+    bert_lr_factor: float = 1.0,
+    swap_decay: bool = False,
+    per_parameter: bool = False,
+) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups, frozen parameters left out; the one builder of them.
+
+    Default: two groups, decay on weights, none on biases and norms. ``bert_lr_factor`` scales the
+    lr of BERT-initialised parameters (needs ``lr``); ``swap_decay`` gives the published swapped
+    decay; ``per_parameter`` makes one group per parameter, in ``named_parameters`` order, as the
+    published scripts build them. named_parameters() yields a tied parameter once.
     """
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for name, parameter in unwrap_model(model).named_parameters():
-        if parameter.requires_grad:
-            (no_decay if _no_decay(name) else decay).append(parameter)
-    if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters (is everything frozen?)")
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
-
-
-class BertAdam(Optimizer):
-    """The published BERT optimiser: Adam without bias correction and with decoupled weight decay.
-
-    p <- p - lr * (m / (sqrt(v) + eps) + weight_decay * p), with m, v the raw moment averages.
-    """
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float,
-        betas: tuple[float, float] = ADAM_BETAS,
-        eps: float = ADAM_EPS,
-        weight_decay: float = 0.01,
-    ) -> None:
-        if lr < 0.0:
-            raise ValueError(f"BertAdam: learning rate must be >= 0, got {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"BertAdam: betas must be in [0, 1), got {betas}")
-        if eps < 0.0:
-            raise ValueError(f"BertAdam: eps must be >= 0, got {eps}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for parameter in group["params"]:
-                if parameter.grad is None:
-                    continue
-                grad = parameter.grad
-                if grad.is_sparse:
-                    raise RuntimeError("BertAdam does not support sparse gradients")
-                state = self.state[parameter]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                update = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
-                if group["weight_decay"] > 0.0:
-                    update.add_(parameter, alpha=group["weight_decay"])
-                parameter.add_(update, alpha=-group["lr"])
-                state["step"] += 1
-        return loss
+    groups: dict[Any, dict[str, Any]] = {}
+    for index, (name, parameter) in enumerate(unwrap_model(model).named_parameters()):
+        if not parameter.requires_grad:
+            continue
+        decays = no_decay(name) == swap_decay
+        scaled = bert_lr_factor != 1.0 and is_bert_initialised(name)
+        key = index if per_parameter else (not decays, scaled)
+        group = groups.setdefault(key, {"params": [], "weight_decay": weight_decay if decays else 0.0})
+        if lr is not None:
+            group["lr"] = lr * (bert_lr_factor if scaled else 1.0)
+        group["params"].append(parameter)
+    if not groups:
+        raise BadInputError("the model has no trainable parameters (is everything frozen?)")
+    return list(groups.values()) if per_parameter else [groups[key] for key in sorted(groups)]
 
 
 def _fused_fits(groups: Sequence[dict[str, Any]]) -> bool:
@@ -139,9 +116,9 @@ def build_optimizer(
         return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, **options)
     if name == "BertAdam":
         if fused:
-            raise ValueError("--optimizer BertAdam has no fused implementation; use AdamW for fused=True")
+            raise BadInputError("--optimizer BertAdam has no fused implementation; use AdamW for fused=True")
         return BertAdam(groups, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    raise BadInputError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
 def _warmup_factor(step: int, warmup_steps: int) -> float:
@@ -151,7 +128,9 @@ def _warmup_factor(step: int, warmup_steps: int) -> float:
 def warmup_linear(optimizer: Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
     """Pretraining: lr rises linearly to its base over warmup_steps, then falls linearly to 0."""
     if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}), total > 0")
+        raise BadInputError(
+            f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}), total > 0"
+        )
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -159,13 +138,6 @@ def warmup_linear(optimizer: Optimizer, warmup_steps: int, total_steps: int) -> 
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return LambdaLR(optimizer, factor)
-
-
-def warmup_constant(optimizer: Optimizer, warmup_steps: int) -> LambdaLR:
-    """lr rises linearly to its base over warmup_steps, then stays there."""
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    return LambdaLR(optimizer, lambda step: _warmup_factor(step, warmup_steps))
 
 
 def step_decay_factor(
@@ -195,11 +167,11 @@ class FineTuneSchedule:
         plateau_threshold: float = 1e-3,
     ) -> None:
         if kind not in FINE_TUNE_SCHEDULES:
-            raise ValueError(
+            raise BadInputError(
                 f"unknown --lr_scheduler {kind!r}; choose one of {', '.join(FINE_TUNE_SCHEDULES)}"
             )
         if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+            raise BadInputError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.optimizer = optimizer
         self.kind = "mannul" if kind == "manual" else kind
         self.warmup_steps = warmup_steps
@@ -232,7 +204,7 @@ class FineTuneSchedule:
             self.decay = step_decay_factor(epoch + 1, self.milestones, self.gamma)
         else:
             if score is None or not math.isfinite(score):
-                raise ValueError(f"--lr_scheduler automatic needs a finite validation score, got {score}")
+                raise BadInputError(f"--lr_scheduler automatic needs a finite validation score, got {score}")
             self._plateau(score)
         self._apply()
 
@@ -268,9 +240,9 @@ class FineTuneSchedule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != self.kind:
-            raise ValueError(f"saved lr schedule is {state.get('kind')!r} but this run uses {self.kind!r}")
+            raise BadInputError(f"saved lr schedule is {state.get('kind')!r} but this run uses {self.kind!r}")
         if len(state["base_lrs"]) != len(self.base_lrs):
-            raise ValueError(
+            raise BadInputError(
                 f"saved lr schedule has {len(state['base_lrs'])} parameter groups, "
                 f"optimizer has {len(self.base_lrs)}"
             )
@@ -283,20 +255,6 @@ class FineTuneSchedule:
         self._apply()
 
 
-def batches_per_epoch(num_samples: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
-    """Batches one rank sees per epoch under DistributedSampler (which pads to equal shards).
-
-    shard = ceil(num_samples / world_size); batches = shard // batch_size with drop_last,
-    else ceil(shard / batch_size). This equals len(DataLoader) on every rank.
-    """
-    if num_samples < 0 or batch_size < 1 or world_size < 1:
-        raise ValueError(
-            f"bad sizes: num_samples={num_samples}, batch_size={batch_size}, world_size={world_size}"
-        )
-    shard = math.ceil(num_samples / world_size)
-    return shard // batch_size if drop_last else math.ceil(shard / batch_size)
-
-
 def num_optimization_steps(
     batches_per_epoch: int, epochs: float, gradient_accumulation_steps: int = 1
 ) -> int:
@@ -305,13 +263,13 @@ def num_optimization_steps(
     The optimiser steps after every `gradient_accumulation_steps` batches and once more at the end
     of an epoch for a leftover partial accumulation, so
         steps = ceil(batches_per_epoch / gradient_accumulation_steps) * epochs
-    with batches_per_epoch counted per rank (len(DataLoader), or batches_per_epoch() above), which
-    is where the world size enters. A fractional `epochs` (the published flag is a float) rounds down.
+    with batches_per_epoch counted per rank (len(DataLoader)), which is where the world size
+    enters. A fractional `epochs` rounds down.
     """
     if gradient_accumulation_steps < 1:
-        raise ValueError(f"--gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+        raise BadInputError(f"--gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
     if batches_per_epoch < 0 or epochs < 0:
-        raise ValueError(f"bad sizes: batches_per_epoch={batches_per_epoch}, epochs={epochs}")
+        raise BadInputError(f"bad sizes: batches_per_epoch={batches_per_epoch}, epochs={epochs}")
     return int(math.ceil(batches_per_epoch / gradient_accumulation_steps) * epochs)
 
 
@@ -326,7 +284,7 @@ def freeze_layers(model: nn.Module, k: int) -> list[str]:
     param_groups so frozen parameters get no optimiser state. Returns the frozen names.
     """
     if k < -1:
-        raise ValueError(f"--freeze must be >= -1, got {k}")
+        raise BadInputError(f"--freeze must be >= -1, got {k}")
     if k == -1:
         return []
     frozen = []
@@ -336,7 +294,7 @@ def freeze_layers(model: nn.Module, k: int) -> list[str]:
             parameter.requires_grad_(False)
             frozen.append(name)
     if not frozen:
-        raise ValueError(
+        raise BadInputError(
             f"--freeze {k} matched no parameter: the model has no 'embeddings' or 'encoder.layer.N'"
         )
     logger.info(

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vilbert.errors import BadInputError
+
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -24,14 +26,14 @@ class Precision:
 
     def __post_init__(self) -> None:
         if self.mode not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.mode!r}; choose one of {', '.join(PRECISIONS)}")
+            raise BadInputError(f"unknown precision {self.mode!r}; choose one of {', '.join(PRECISIONS)}")
         if self.mode == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("--bf16 needs a GPU with bfloat16 support (Ampere or newer); use --fp16")
+            raise BadInputError("--bf16 needs a GPU with bfloat16 support (Ampere or newer); use --fp16")
 
     @classmethod
     def from_flags(cls, fp16: bool, bf16: bool, device: torch.device, loss_scale: float = 0.0) -> Precision:
         if fp16 and bf16:
-            raise ValueError("--fp16 and --bf16 exclude each other")
+            raise BadInputError("--fp16 and --bf16 exclude each other")
         return cls("fp16" if fp16 else "bf16" if bf16 else "fp32", device, loss_scale)
 
     @property

@@ -11,48 +11,33 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from vilbert.checkpoint import save_state_dict
 from vilbert.cli import run_script
 from vilbert.config import BertConfig
+from vilbert.data_checks import PretrainingData, require_pretraining_data
 from vilbert.datasets.concept_cap import ConceptCapDataset, pretraining_files
-from vilbert.datasets.loader import make_loader
-from vilbert.distributed import (
-    DistContext,
-    add_local_rank_args,
-    all_reduce_sum,
-)
+from vilbert.datasets.loader import loader_workers, make_loader
+from vilbert.distributed import DistContext, all_reduce_sum
 from vilbert.engine import Optimization
+from vilbert.flops import batch_flops
 from vilbert.modeling import InterBertForMultiModalPreTraining
-from vilbert.optimization import (
-    OPTIMIZERS,
-    build_optimizer,
-    freeze_layers,
-    num_optimization_steps,
-    warmup_linear,
-)
+from vilbert.optimization import num_optimization_steps
 from vilbert.precision import Precision
+from vilbert.recipe import OptimizerPlan, check_recipe, pretraining_plan
 from vilbert.run_folder import RunFolder
-from vilbert.run_logging import RunLogger
 from vilbert.tokenization import BertTokenizer
-from vilbert.training_state import (
-    GracefulStop,
-    NonFiniteGuard,
-    TrainingState,
-    load_training_state,
-    seed_everything,
-)
+from vilbert.trainer import StepReport, Trainer, TrainerHooks, check_text_fits, start_run
+from vilbert.training_args import TrainingDefaults, add_new_flags, add_published_flags
+from vilbert.training_state import TrainingState
 
 logger = logging.getLogger(__name__)
 
-# Parameters a BERT checkpoint initialises; the published script trains them at lr x 0.1.
-BERT_PREFIXES = ("bert.embeddings.", "bert.encoder.layer.")
+DEFAULTS = TrainingDefaults(learning_rate=1e-4, seed=42, num_workers=3, workers_help="DataLoader workers")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,36 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--from_pretrained", default="", help="weights to start from (BERT or InterBERT); empty = random"
     )
-    p.add_argument("--bert_model", default="bert-base-uncased", help="vocab.txt or a folder holding it")
-    p.add_argument("--output_dir", default="save", help="runs go to OUTPUT_DIR/SAVE_NAME")
-    p.add_argument("--config_file", default="config/bert_base_6layer_interbert.json")
-    p.add_argument("--max_seq_length", default=36, type=int)
+    add_published_flags(p, DEFAULTS)
+    p.add_argument("--max_seq_length", default=36, type=int, help="caption tokens, [CLS] and [SEP] included")
     p.add_argument(
         "--predict_feature", action="store_true", help="regress region features instead of classes"
     )
     p.add_argument("--train_batch_size", default=512, type=int, help="per process, per optimiser step")
-    p.add_argument("--learning_rate", default=1e-4, type=float)
-    p.add_argument("--num_train_epochs", default=10.0, type=float)
+    p.add_argument("--num_train_epochs", default=10.0, type=float, help="epochs (a whole number)")
     p.add_argument(
         "--start_epoch", default=0, type=float, help="with --continue_training: first epoch to run"
     )
     p.add_argument(
         "--continue_training", action="store_true", help="load FROM_PRETRAINED/pytorch_model_{K-1}.bin"
     )
-    p.add_argument("--warmup_proportion", default=0.1, type=float)
-    p.add_argument("--img_weight", default=1, type=float)
-    p.add_argument("--itm_weight", default=1, type=float)
-    p.add_argument("--text_weight", default=1, type=float)
-    p.add_argument("--no_cuda", action="store_true")
-    p.add_argument("--do_lower_case", type=bool, default=True)
-    add_local_rank_args(p)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--fp16", action="store_true", help="autocast float16 + GradScaler")
-    p.add_argument("--loss_scale", type=float, default=0, help="fp16 static loss scale; 0 = dynamic")
-    p.add_argument("--num_workers", type=int, default=3)
-    p.add_argument("--save_name", default="", type=str)
-    p.add_argument("--freeze", default=-1, type=int, help="freeze embeddings and encoder layers <= K")
+    p.add_argument("--img_weight", default=1, type=float, help="weight of the masked-region loss")
+    p.add_argument("--itm_weight", default=1, type=float, help="weight of the image-text matching loss")
+    p.add_argument("--text_weight", default=1, type=float, help="weight of the masked-segment loss")
     p.add_argument(
         "--distributed", action="store_true", help="use training_feat_part_{rank}.lmdb when present"
     )
@@ -101,33 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--span_mask", action="store_true", help="span masking (MSM) and group masking (MRM)")
     p.add_argument("--cond_mask", action="store_true", help="not supported (rejected with a message)")
     p.add_argument("--dynamic_masking", action="store_true", help="accepted: masks are redrawn every epoch")
-    new = p.add_argument_group("new in this implementation")
-    new.add_argument("--bf16", action="store_true", help="autocast bfloat16")
-    new.add_argument("--optimizer", default="AdamW", choices=OPTIMIZERS)
-    new.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    new = add_new_flags(p)
     new.add_argument(
         "--bert_lr_factor",
         type=float,
         default=0.1,
         help="lr factor of BERT-initialised layers when --from_pretrained is given (published 0.1)",
     )
-    new.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        help="resume from the run folder's training state (default when it exists) or PATH",
-    )
-    new.add_argument("--save_every_steps", type=int, default=1000, help="resumable state every N steps")
-    new.add_argument("--max_bad_steps", type=int, default=20, help="abort after N non-finite steps in a row")
-    new.add_argument("--log_every", type=int, default=20)
-    new.add_argument("--quiet", action="store_true", help="no progress bar")
     new.add_argument("--region_len", type=int, default=36, help="regions per image (plus the global one)")
     new.add_argument("--no_dynamic_padding", action="store_true", help="pad every batch to the maxima")
-    new.add_argument("--compile", action="store_true", help="torch.compile the model")
-    new.add_argument(
-        "--deterministic", action="store_true", help="deterministic kernels (for exact resume tests)"
-    )
     return p
 
 
@@ -139,19 +92,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "--cond_mask (each sample emitted twice, text-only and region-only masking) is not supported; "
             "drop the flag"
         )
-    if args.gradient_accumulation_steps < 1:
-        parser.error(f"--gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}")
+    if args.train_batch_size < 1:
+        parser.error(f"--train_batch_size must be >= 1, got {args.train_batch_size}")
     if args.train_batch_size % args.gradient_accumulation_steps:
         parser.error(
             f"--train_batch_size {args.train_batch_size} is not divisible by "
             f"--gradient_accumulation_steps {args.gradient_accumulation_steps}"
         )
+    if args.num_train_epochs < 1 or args.num_train_epochs != int(args.num_train_epochs):
+        parser.error(f"--num_train_epochs must be a whole number >= 1, got {args.num_train_epochs}")
     if args.continue_training and (args.start_epoch < 1 or not args.from_pretrained):
         parser.error("--continue_training needs --start_epoch >= 1 and --from_pretrained RUN_FOLDER")
     for flag in ("train_data_dir", "val_data_dir"):
         if not getattr(args, flag):
             parser.error(f"--{flag} is required")
     return args
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """``loss = text * MSM + image * MRM + itm * ITM``; ``without_coattention`` zeroes ITM (published)."""
+
+    text: float = 1.0
+    image: float = 1.0
+    itm: float = 1.0
+    without_coattention: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LossWeights:
+        return cls(args.text_weight, args.img_weight, args.itm_weight, args.without_coattention)
 
 
 @dataclass
@@ -179,17 +148,20 @@ def build_data(args: argparse.Namespace, ctx: DistContext, tokenizer: BertTokeni
             predict_feature=args.predict_feature,
             seed=args.seed,
             rank=ctx.rank,
+            rules=args.recipe,
         )
         return data, distributed and not files.is_rank_part
 
     train, shard_train = dataset("train", args.train_data_dir)
     val, shard_val = dataset("val", args.val_data_dir)
     dynamic = not args.no_dynamic_padding
+    # --num_workers is per process here (as published), capped by the CPUs like every script's.
+    workers = loader_workers(args.num_workers * ctx.world_size, ctx.world_size, 1)
     train_loader = make_loader(
-        train, micro_batch, train.collate_fn(dynamic), ctx, shard_train, True, args.num_workers, args.seed
+        train, micro_batch, train.collate_fn(dynamic), ctx, shard_train, True, workers, args.seed
     )
     val_loader = make_loader(
-        val, micro_batch, val.collate_fn(dynamic), ctx, shard_val, False, min(args.num_workers, 2), args.seed
+        val, micro_batch, val.collate_fn(dynamic), ctx, shard_val, False, min(workers, 2), args.seed
     )
     return PretrainData(train, val, train_loader, val_loader)
 
@@ -203,29 +175,9 @@ def build_model(args: argparse.Namespace, config: BertConfig) -> InterBertForMul
     return InterBertForMultiModalPreTraining(config)
 
 
-def optimizer_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
-    """Decay on weights only; BERT-initialised layers at ``bert_lr_factor`` x lr when loading weights."""
-    factor = args.bert_lr_factor if args.from_pretrained else 1.0
-    groups: dict[tuple[bool, bool], dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        no_decay = "bias" in name or "LayerNorm" in name
-        is_bert = name.startswith(BERT_PREFIXES) and factor != 1.0
-        group = groups.setdefault(
-            (no_decay, is_bert),
-            {
-                "params": [],
-                "weight_decay": 0.0 if no_decay else 0.01,
-                "lr": args.learning_rate * (factor if is_bert else 1),
-            },
-        )
-        group["params"].append(param)
-    return list(groups.values())
-
-
-def pretraining_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: argparse.Namespace):
-    out = model(
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated pretraining batch as the model's keyword arguments (the one renaming there is)."""
+    return dict(
         input_ids=batch["input_ids"],
         image_feat=batch["image_feat"],
         image_loc=batch["image_loc"],
@@ -238,8 +190,13 @@ def pretraining_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], a
         image_target=batch["image_target"],
         next_sentence_label=batch["is_next"],
     )
-    itm = out.itm * 0 if args.without_coattention else out.itm
-    total = args.text_weight * out.msm + args.img_weight * out.mrm + args.itm_weight * itm
+
+
+def pretraining_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], weights: LossWeights):
+    """The weighted total and its parts (MSM, MRM, ITM), as tensors on the device."""
+    out = model(**model_inputs(batch))
+    itm = out.itm * 0 if weights.without_coattention else out.itm
+    total = weights.text * out.msm + weights.image * out.mrm + weights.itm * itm
     return total, {"loss": total, "msm": out.msm, "mrm": out.mrm, "itm": itm}
 
 
@@ -247,14 +204,34 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def train_step(
+    step: Optimization,
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    weights: LossWeights,
+    precision: Precision,
+    accumulation: int,
+    will_step: bool,
+) -> dict[str, torch.Tensor]:
+    """One micro-batch: forward, backward (1/accumulation of the loss), and the optimiser step when
+    ``will_step``. The published step: the loss weights' sum, backward, one BertAdam step."""
+    with step.micro_step(will_step):
+        with precision.autocast():
+            loss, parts = pretraining_losses(model, batch, weights)
+        step.backward(loss, 1.0 / accumulation)
+    if will_step:
+        step.step()
+    return parts
+
+
 @torch.no_grad()
-def validate(model, loader, args, ctx: DistContext, precision: Precision) -> dict[str, float]:
+def validate(model, loader, weights: LossWeights, ctx: DistContext, precision: Precision) -> dict[str, float]:
     """Mean MSM, MRM, ITM and total loss over the validation set, summed over every rank."""
     model.eval()
     sums: dict[str, float] = {"batches": 0.0}
     for batch in loader:
         with precision.autocast():
-            _, parts = pretraining_losses(model, to_device(batch, ctx.device), args)
+            _, parts = pretraining_losses(model, to_device(batch, ctx.device), weights)
         for name, value in parts.items():
             sums[name] = sums.get(name, 0.0) + float(value)
         sums["batches"] += 1
@@ -264,133 +241,122 @@ def validate(model, loader, args, ctx: DistContext, precision: Precision) -> dic
     return {name: value / count for name, value in totals.items()}
 
 
-# Bad input the user can fix (paths, run folders, configs, checkpoints, data files): reported in one
-# line, like an argparse error, instead of a traceback from wherever it was detected.
 def run(args: argparse.Namespace) -> None:
-    """The entry point: bad input exits with status 2 and a one-line message (``vilbert.cli``)."""
+    """The entry point; exit statuses as ``vilbert.errors`` states them."""
     status = run_script(train, args)
     if status:
         raise SystemExit(status)
 
 
-def train(args: argparse.Namespace, ctx: DistContext) -> None:
-    seed_everything(args.seed + ctx.rank)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
+def optimizer_steps(args: argparse.Namespace, data: PretrainData, micro_batch: int) -> tuple[int, int]:
+    """(t_total, steps already done) as the recipe counts them.
+
+    published: ``samples per rank // train_batch_size x (epochs - start_epoch)``, or the whole run
+    with ``--continue_training`` (whose first ``start_epoch`` epochs count as done); modern: the
+    steps the loop takes (a last partial batch makes one more).
+    """
+    epochs, start = int(args.num_train_epochs), int(args.start_epoch) if args.continue_training else 0
+    if args.recipe == "published":
+        per_epoch = len(data.train_loader.batch_sampler.sampler) // args.train_batch_size
+        if args.continue_training:
+            return per_epoch * epochs, per_epoch * start
+        return per_epoch * (epochs - start), 0
+    per_epoch = num_optimization_steps(len(data.train_loader), 1, args.gradient_accumulation_steps)
+    return per_epoch * epochs, per_epoch * start
+
+
+def make_plan(args: argparse.Namespace, t_total: int) -> Callable[[torch.nn.Module], OptimizerPlan]:
+    def plan(model: torch.nn.Module) -> OptimizerPlan:
+        return pretraining_plan(
+            args.recipe,
+            model,
+            args.learning_rate,
+            args.warmup_proportion,
+            t_total,
+            from_pretrained=bool(args.from_pretrained),
+            bert_lr_factor=args.bert_lr_factor,
+            max_grad_norm=args.max_grad_norm,
+        )
+
+    return plan
+
+
+def _iterations(trainer: Trainer, data: PretrainData, weights: LossWeights):
+    """The epoch's micro-batches from ``state.step_in_epoch`` on (the loop's step body)."""
+    args, ctx = trainer.args, trainer.ctx
+    accumulation = args.gradient_accumulation_steps
+
+    def iterations(state: TrainingState):
+        data.train.set_epoch(state.epoch)
+        data.train_loader.batch_sampler.set_epoch(state.epoch, skip=state.step_in_epoch)
+        batches = len(data.train_loader)
+        flops = 0.0
+        for index, batch in enumerate(data.train_loader, start=state.step_in_epoch):
+            will_step = (index + 1) % accumulation == 0 or index + 1 == batches
+            # Counted on the host copy: on a GPU the label counts would cost a synchronisation.
+            flops += batch_flops(trainer.config, batch, trainer.model.gather_heads).training_step
+            parts = train_step(
+                trainer.step, trainer.forward_model, to_device(batch, ctx.device), weights,
+                trainer.precision, accumulation, will_step,
+            )  # fmt: skip
+            samples = batch["input_ids"].shape[0] * ctx.world_size * accumulation
+            yield StepReport(parts, samples, will_step, flops * ctx.world_size if will_step else None)
+            flops = 0.0 if will_step else flops
+
+    return iterations
+
+
+def train(args: argparse.Namespace, ctx: DistContext) -> int:
+    """Run (or resume) pretraining; returns the exit status."""
+    start_run(args, ctx)
+    check_recipe(args.recipe, args.optimizer)
     config = BertConfig.from_json_file(args.config_file)
     config.predict_feature = args.predict_feature
     folder = RunFolder.create(args.output_dir, args.save_name, ctx.is_main)
     resume = folder.resume_file(args.resume, allow_existing_weights=args.continue_training)
     tokenizer = BertTokenizer(args.bert_model, do_lower_case=args.do_lower_case)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(
-            f"{args.bert_model}: vocabulary of {tokenizer.vocab_size} tokens exceeds vocab_size "
-            f"{config.vocab_size} of {args.config_file}"
-        )
+    check_text_fits(
+        config,
+        args.config_file,
+        tokenizer.vocab_size,
+        args.bert_model,
+        {"--max_seq_length": args.max_seq_length},
+    )
     micro_batch = args.train_batch_size // args.gradient_accumulation_steps
     data = build_data(args, ctx, tokenizer, micro_batch)
-
-    model = build_model(args, config)
-    freeze_layers(model, args.freeze)
-    model.to(ctx.device)
-    groups = optimizer_groups(model, args)
-    if args.compile:
-        model = torch.compile(model)
-    if ctx.world_size > 1:
-        model = DistributedDataParallel(
-            model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
-        )
-    optimizer = build_optimizer(args.optimizer, groups, args.learning_rate)
-    epochs = int(args.num_train_epochs)
-    steps_per_epoch = num_optimization_steps(len(data.train_loader), 1, args.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * epochs
-    scheduler = warmup_linear(optimizer, int(args.warmup_proportion * total_steps), total_steps)
-    precision = Precision.from_flags(args.fp16, args.bf16, ctx.device, args.loss_scale)
-    scaler = precision.make_scaler()
-    step = Optimization(
-        model, optimizer, scheduler, scaler, NonFiniteGuard(args.max_bad_steps), args.max_grad_norm
+    shape = PretrainingData(
+        args.train_data_dir, args.val_data_dir, args.train_batch_size, args.region_len, args.predict_feature
     )
-
-    state = TrainingState(epoch=int(args.start_epoch) if args.continue_training else 0)
-    if resume is not None:
-        state = load_training_state(resume, model, optimizer, scheduler, scaler, None, rank=ctx.rank)
-    elif args.continue_training:
-        for _ in range(state.epoch * steps_per_epoch):
-            scheduler.step()
-        logger.info(
-            "--continue_training: epoch %d, schedule at step %d (fresh optimiser moments)",
-            state.epoch,
-            state.epoch * steps_per_epoch,
-        )
-    step.guard.bad_steps, step.guard.skipped_steps = state.bad_steps, state.skipped_steps
-    folder.write_run_info(args, config)
-    log = RunLogger(folder.path, ctx.is_main, args.log_every, args.quiet)
+    if not (args.distributed and ctx.world_size > 1):  # the check reads the whole-set files, not parts
+        require_pretraining_data(shape, config, args.config_file, args.gradient_accumulation_steps)
+    t_total, done = optimizer_steps(args, data, micro_batch)
+    trainer = Trainer(args, ctx, config, folder, build_model(args, config), make_plan(args, t_total))
+    fresh = TrainingState(epoch=int(args.start_epoch) if args.continue_training else 0)
+    if resume is None and args.continue_training:
+        trainer.plan.fast_forward(done)
+        logger.info("--continue_training: epoch %d, schedule at step %d (fresh moments)", fresh.epoch, done)
+    record = trainer.record(train_batch_size=args.train_batch_size, from_pretrained=args.from_pretrained)
+    trainer.resume(resume, record, fresh)
+    weights = LossWeights.from_args(args)
     if ctx.is_main:
         logger.info(
-            "pretraining: %d samples/rank/epoch, %d ranks, batch %d x %d accumulation, %d steps, run %s",
-            len(data.train_loader.batch_sampler.sampler),
-            ctx.world_size,
-            micro_batch,
-            args.gradient_accumulation_steps,
-            total_steps,
-            folder.path,
-        )
+            "pretraining: %d samples/rank/epoch, %d ranks, batch %d x %d accumulation, t_total %d, run %s",
+            len(data.train_loader.batch_sampler.sampler), ctx.world_size, micro_batch,
+            args.gradient_accumulation_steps, t_total, folder.path,
+        )  # fmt: skip
 
-    def save_state() -> None:
-        step.save_state(folder.state_path, state, ctx.is_main)
+    def end_epoch(state: TrainingState, metrics: dict[str, float]) -> None:
+        if ctx.is_main:
+            values = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            logger.info("epoch %d validation: %s", state.epoch, values)
 
-    model.train()
-    with GracefulStop() as stop:
-        while state.epoch < epochs:
-            data.train.set_epoch(state.epoch)
-            data.train_loader.batch_sampler.set_epoch(
-                state.epoch, skip=state.step_in_epoch * args.gradient_accumulation_steps
-            )
-            batches = len(data.train_loader)
-            log.start_epoch(state.epoch, steps_per_epoch, state.step_in_epoch)
-            for index, batch in enumerate(
-                data.train_loader, start=state.step_in_epoch * args.gradient_accumulation_steps
-            ):
-                will_step = (index + 1) % args.gradient_accumulation_steps == 0 or index + 1 == batches
-                with step.micro_step(will_step):
-                    with precision.autocast():
-                        loss, parts = pretraining_losses(model, to_device(batch, ctx.device), args)
-                    step.backward(loss, 1.0 / args.gradient_accumulation_steps)
-                if not will_step:
-                    continue
-                step.step()
-                state.global_step += 1
-                state.step_in_epoch += 1
-                log.step(
-                    state.global_step,
-                    parts,
-                    step.learning_rate(),
-                    batch["input_ids"].shape[0] * ctx.world_size * args.gradient_accumulation_steps,
-                )
-                if stop.should_stop():
-                    save_state()
-                    logger.warning(
-                        "stop requested (signal %s): state saved to %s; rerun the same command to resume",
-                        stop.signal_number,
-                        folder.state_path,
-                    )
-                    log.close()
-                    return
-                if args.save_every_steps and state.global_step % args.save_every_steps == 0:
-                    save_state()
-            log.end_epoch()
-            metrics = validate(model, data.val_loader, args, ctx, precision)
-            if ctx.is_main:
-                logger.info(
-                    "epoch %d validation: %s",
-                    state.epoch,
-                    " ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-                )
-                log.scalars("val", metrics, state.epoch)
-                save_state_dict(model, folder.weights_path(state.epoch))
-            state.epoch += 1
-            state.step_in_epoch = 0
-            save_state()
-    log.close()
-    if ctx.is_main:
+    hooks = TrainerHooks(
+        iterations=_iterations(trainer, data, weights),
+        iterations_per_epoch=len(data.train_loader),
+        validate=lambda: validate(trainer.forward_model, data.val_loader, weights, ctx, trainer.precision),
+        end_epoch=end_epoch,
+    )
+    status = trainer.run(int(args.num_train_epochs), hooks)
+    if ctx.is_main and status == 0:
         logger.info("pretraining finished: %s", folder.path)
+    return status

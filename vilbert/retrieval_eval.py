@@ -1,292 +1,54 @@
-"""Scoring every caption against every image with the ITM head (Flickr30K retrieval evaluation).
+"""Flickr30K retrieval evaluation (``eval_retrieval.py``): fine-tuned or ``--zero_shot``.
 
-The score of a (caption, image) pair is softmax(ITM logits)[0], the probability of "matched", from
-the fine-tuned ``InterBertForVLTasks`` or, zero-shot, from the pretraining model; both carry the
-same ``bert`` and ``cls`` modules, and only those are used.
-
-Why this does not simply call ``model.forward`` on (caption, image) pairs:
-
-- The score needs the two pooled vectors only, so neither the vocabulary nor the region heads run,
-  and the last text and image layers compute position 0 (the one each pooler reads) only.
-- Image embeddings do not depend on the caption: they are computed once per split and kept on the
-  device; each forward gathers its rows from that cache.
-- Captions and images are ordered shortest first, and every forward takes the next
-  ``pairs_per_forward`` pairs of that caption-major stream (a block may span captions), cut to the
-  token and region columns its pairs use: padding that all pairs of a block share is not computed.
-  Masked columns carry exactly zero attention, so the cut changes nothing but rounding.
-- Ranks share the stream in whole blocks, and only its very last block is padded. A pair is thus
-  scored at the same place of the same block, with the same shapes, whatever the number of ranks or
-  the caption batch size: the score matrix is bitwise independent of both (kernels may round a row
-  differently at another place of a batch, by ~1e-7, so this alignment matters).
+Every caption of the split is scored against every image by :class:`RetrievalScorer`; the report
+gives image retrieval (the paper's R@1/5/10) and text retrieval from the same score matrix, each
+caption's best images, and the matrix itself (``scores_<split>.npy``).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+import argparse
+import logging
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from vilbert.config import BertConfig
+from vilbert.atomic import atomic_write, atomic_write_json
+from vilbert.datasets.features import RegionFeatureStore
+from vilbert.datasets.loader import loader_workers
+from vilbert.datasets.retrieval import RetrievalEvalDataset, collate_retrieval, pad_regions
+from vilbert.distributed import DistContext, gather_to_main, min_across_ranks
+from vilbert.evaluation import (
+    EVAL_YAML,
+    ITM_HEAD,
+    TASKS_YAML,
+    EvaluationError,
+    add_new_flags,
+    base_parser,
+    check_head_trained,
+    command_main,
+    config_and_tokenizer,
+    load_model,
+    make_run_folder,
+    positive,
+    progress,
+    resolve_task_config,
+    split_annotations,
+)
 from vilbert.metrics import image_retrieval_metrics, text_retrieval_metrics, top_k_images
-from vilbert.modeling import TransformerLayer, additive_mask
+from vilbert.modeling import InterBertForMultiModalPreTraining, InterBertForVLTasks
 from vilbert.precision import Precision
+from vilbert.retrieval_scorer import TOP_K, RetrievalScorer, block_size, default_memory_budget
+from vilbert.tasks import FeatureStores, TaskConfig, load_task_configs, select_tasks
 
-FLOAT_BYTES = 4
-CPU_MEMORY_BUDGET = 2 * 1024**3
-GPU_MEMORY_SHARE = 0.25
-TOP_K = 20
+logger = logging.getLogger(__name__)
 
-
-def pair_activation_bytes(config: BertConfig, num_regions: int, num_tokens: int) -> int:
-    """A generous estimate of the activation memory one pair needs inside a layer (fp32)."""
-    length = num_regions + num_tokens
-    hidden = max(config.hidden_size, config.v_hidden_size)
-    intermediate = max(config.intermediate_size, config.v_intermediate_size)
-    heads = max(config.num_attention_heads, config.v_num_attention_heads)
-    return FLOAT_BYTES * (length * (6 * hidden + 2 * intermediate) + 2 * heads * length * length)
-
-
-def default_memory_budget(device: torch.device) -> int:
-    """Bytes the forwards may use: 2 GiB on CPU, a quarter of a GPU's memory (its total, not what is
-    free now, so the block size, and with it every score, is the same from run to run)."""
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory * GPU_MEMORY_SHARE)
-    return CPU_MEMORY_BUDGET
-
-
-def pairs_for_budget(config: BertConfig, num_regions: int, num_tokens: int, budget_bytes: int) -> int:
-    """How many pairs one forward may hold within ``budget_bytes`` (at least 1)."""
-    return max(1, budget_bytes // pair_activation_bytes(config, num_regions, num_tokens))
-
-
-def _extent(mask: torch.Tensor) -> np.ndarray:
-    """Per row, one past the last kept position: the columns that hold anything but padding."""
-    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
-    return ((mask != 0) * positions).amax(dim=1).clamp_(min=1).cpu().numpy()
-
-
-@dataclass
-class ImageBank:
-    """Every image of the split, embedded once and kept on the device, shortest first.
-
-    ``embeddings`` [N, R, H] and ``mask`` [N, R] are in ``order`` (row i is image ``order[i]`` of the
-    split); ``extent`` [N] is each row's length without padding.
-    """
-
-    embeddings: torch.Tensor
-    mask: torch.Tensor
-    order: np.ndarray
-    extent: np.ndarray
-
-    @property
-    def num_images(self) -> int:
-        return self.embeddings.shape[0]
-
-
-@dataclass
-class PairStream:
-    """The caption-major stream of every (caption, image) pair, captions and images shortest first,
-    so that each block of consecutive pairs can drop the padding its pairs share.
-
-    Pair k is caption row ``k // num_images`` with image row ``k % num_images`` of the sorted stacks.
-    """
-
-    captions: dict[str, torch.Tensor]
-    caption_order: np.ndarray
-    caption_extent: np.ndarray
-    bank: ImageBank
-    pairs_per_forward: int
-
-    @property
-    def num_captions(self) -> int:
-        return len(self.caption_order)
-
-    @property
-    def total(self) -> int:
-        return self.num_captions * self.bank.num_images
-
-    def shard(self, rank: int, world_size: int) -> range:
-        """This rank's pairs: a contiguous run of whole blocks, so each pair lands at the same place of
-        the same block on any number of ranks."""
-        blocks = math.ceil(self.total / self.pairs_per_forward)
-        first, last = rank * blocks // world_size, (rank + 1) * blocks // world_size
-        return range(
-            min(first * self.pairs_per_forward, self.total), min(last * self.pairs_per_forward, self.total)
-        )
-
-    def matrix(self, flat: np.ndarray) -> np.ndarray:
-        """Stream-order scores of every pair → [num_captions, num_images] in the split's order."""
-        scores = np.empty((self.num_captions, self.bank.num_images), dtype=flat.dtype)
-        scores[np.ix_(self.caption_order, self.bank.order)] = flat.reshape(scores.shape)
-        return scores
-
-
-def _last_layer_first_position(
-    layer: TransformerLayer, hidden: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """``layer`` applied to ``hidden`` [B, L, H] but computed for position 0 only: [B, 1, H].
-
-    Keys and values still come from every position; the query, the attention output and the
-    feed-forward block run on one row instead of L.
-    """
-    attention = layer.attention.self
-    batch, length, _ = hidden.shape
-
-    def heads(x: torch.Tensor) -> torch.Tensor:
-        return x.view(batch, x.shape[1], attention.num_heads, attention.head_size).transpose(1, 2)
-
-    first = hidden[:, :1]
-    query, key, value = (
-        heads(attention.query(first)),
-        heads(attention.key(hidden)),
-        heads(attention.value(hidden)),
-    )
-    context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype))
-    context = context.transpose(1, 2).reshape(batch, 1, attention.num_heads * attention.head_size)
-    attended = layer.attention.output(context, first)
-    return layer.output(layer.intermediate(attended), attended)
-
-
-def _extraction_stream(layers: nn.ModuleList, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The text (or image) extraction layers, the last one for position 0 only."""
-    if len(layers) == 0:
-        return hidden
-    for layer in layers[:-1]:
-        hidden, _ = layer(hidden, mask)
-    return _last_layer_first_position(layers[-1], hidden, mask)
-
-
-def check_itm_model(model: nn.Module) -> None:
-    """Both InterBERT models with an ITM head qualify; anything else is a usage error."""
-    if not (hasattr(model, "bert") and hasattr(model, "cls") and hasattr(model.cls, "bi_seq_relationship")):
-        raise TypeError(f"{type(model).__name__} has no bert + ITM head (cls.bi_seq_relationship)")
-
-
-class RetrievalScorer:
-    """Scores captions against an :class:`ImageBank` with a model in eval mode, without gradients."""
-
-    def __init__(self, model: nn.Module, precision: Precision, pairs_per_forward: int) -> None:
-        check_itm_model(model)
-        if pairs_per_forward < 1:
-            raise ValueError(f"pairs_per_forward must be at least 1, got {pairs_per_forward}")
-        self.model = model.eval()
-        self.precision = precision
-        self.pairs_per_forward = pairs_per_forward
-        self.device = precision.device
-
-    @torch.no_grad()
-    def embed_images(self, chunks: Iterable[dict[str, torch.Tensor]], num_images: int) -> ImageBank:
-        """Embed the split's images chunk by chunk (``image_feat`` [n, R, D], ``image_loc``,
-        ``image_mask``), in order; only the embeddings stay on the device."""
-        embeddings: torch.Tensor | None = None
-        mask: torch.Tensor | None = None
-        filled = 0
-        for chunk in chunks:
-            feat = chunk["image_feat"].to(self.device, non_blocking=True)
-            loc = chunk["image_loc"].to(self.device, non_blocking=True)
-            with self.precision.autocast():
-                embedded = self.model.bert.v_embeddings(feat, loc)
-            if embeddings is None or mask is None:
-                embeddings = embedded.new_empty((num_images, *embedded.shape[1:]))
-                mask = torch.empty((num_images, embedded.shape[1]), dtype=torch.long, device=self.device)
-            count = embedded.shape[0]
-            embeddings[filled : filled + count] = embedded
-            mask[filled : filled + count] = chunk["image_mask"].to(self.device)
-            filled += count
-        if embeddings is None or mask is None or filled != num_images:
-            raise ValueError(f"expected {num_images} images, the image chunks held {filled}")
-        extent = _extent(mask)
-        order = np.argsort(extent, kind="stable")
-        rows = torch.from_numpy(order).to(self.device)
-        return ImageBank(embeddings[rows], mask[rows], order, extent[order])
-
-    def stream(self, captions: dict[str, torch.Tensor], bank: ImageBank) -> PairStream:
-        """``captions`` (``input_ids``, ``input_mask``, ``segment_ids`` [n, T]) against ``bank``."""
-        extent = _extent(captions["input_mask"])
-        order = np.argsort(extent, kind="stable")
-        rows = torch.from_numpy(order)
-        on_device = {key: value[rows].to(self.device) for key, value in captions.items()}
-        return PairStream(on_device, order, extent[order], bank, self.pairs_per_forward)
-
-    def _itm_logits(
-        self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor, image_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """The ITM logits [P, 2] of embedded pairs: interaction, extraction, poolers, fusion."""
-        bert, heads = self.model.bert, self.model.cls
-        encoder = bert.encoder
-        dtype = bert.embeddings.word_embeddings.weight.dtype
-        joint_mask = additive_mask(torch.cat((image_mask, text_mask), dim=1), dtype)
-        hidden = torch.cat((image, text), dim=1)
-        for layer in encoder.layer[: encoder.num_interaction]:
-            hidden, _ = layer(hidden, joint_mask)
-        num_regions = image.shape[1]
-        text = _extraction_stream(
-            encoder.layer[encoder.num_interaction :], hidden[:, num_regions:], additive_mask(text_mask, dtype)
-        )
-        image = _extraction_stream(encoder.v_layer, hidden[:, :num_regions], additive_mask(image_mask, dtype))
-        return heads.bi_seq_relationship(heads.fuse(bert.t_pooler(text), bert.v_pooler(image)))
-
-    @torch.no_grad()
-    def score(
-        self, stream: PairStream, pairs: range | None = None, on_progress: Callable[[int], None] | None = None
-    ) -> np.ndarray:
-        """Scores (float32): of every pair as the [num_captions, num_images] matrix in the split's order,
-        or, given ``pairs`` (from :meth:`PairStream.shard`), of those pairs, flat, in stream order.
-
-        Blocks of exactly ``pairs_per_forward`` pairs are aligned on the whole stream; the last one is
-        padded with copies of its last pair. Each block keeps only the token and region columns that
-        one of its pairs uses. ``on_progress(k)``: k more pairs scored.
-        """
-        selected = range(stream.total) if pairs is None else pairs
-        block = self.pairs_per_forward
-        if selected.start % block or (selected.stop % block and selected.stop != stream.total):
-            raise ValueError(f"pairs {selected} do not start and end on blocks of {block} pairs")
-        num_images = stream.bank.num_images
-        scores = torch.empty(len(selected), dtype=torch.float32, device=self.device)
-        for start in range(selected.start, selected.stop, block):
-            count = min(block, selected.stop - start)
-            pair = np.minimum(np.arange(start, start + block), stream.total - 1)
-            caption, image = pair // num_images, pair % num_images
-            scores[start - selected.start : start - selected.start + count] = self._score_pairs(
-                stream,
-                torch.from_numpy(caption).to(self.device),
-                torch.from_numpy(image).to(self.device),
-                int(stream.caption_extent[caption].max()),
-                int(stream.bank.extent[image].max()),
-            )[:count]
-            if on_progress is not None:
-                on_progress(count)
-        flat = scores.cpu().numpy()
-        return stream.matrix(flat) if pairs is None else flat
-
-    def _score_pairs(
-        self, stream: PairStream, caption: torch.Tensor, image: torch.Tensor, tokens: int, regions: int
-    ) -> torch.Tensor:
-        """Match probabilities of (caption, image) rows, cut to ``tokens`` and ``regions`` columns."""
-        text_mask = stream.captions["input_mask"][caption, :tokens]
-        with self.precision.autocast():
-            text = self.model.bert.embeddings(
-                stream.captions["input_ids"][caption, :tokens],
-                stream.captions["segment_ids"][caption, :tokens],
-            )
-            bank = stream.bank
-            logits = self._itm_logits(
-                text, text_mask, bank.embeddings[image, :regions], bank.mask[image, :regions]
-            )
-        return logits.float().softmax(dim=1)[:, 0]
-
-
-def block_size(
-    config: BertConfig, num_regions: int, num_tokens: int, total_pairs: int, budget_bytes: int
-) -> int:
-    """Pairs per forward: as many as the budget allows, never more than the whole evaluation holds."""
-    return max(1, min(pairs_for_budget(config, num_regions, num_tokens, budget_bytes), total_pairs))
+RETRIEVAL_TASK = "RetrievalFlickr30k"
+IMAGE_CHUNK = 32
 
 
 def retrieval_report(
@@ -307,3 +69,139 @@ def retrieval_report(
         "top_k": top_k,
         "top_image_ids": ids[top_k_images(scores, top_k)].tolist(),
     }
+
+
+def retrieval_parser() -> argparse.ArgumentParser:
+    p = base_parser(
+        "eval_retrieval.py",
+        "Flickr30K caption-based image retrieval (and text retrieval): every caption against every image.",
+        tasks="3",
+        batch_size=1,
+        batch_help="published flag, accepted: forwards hold --pairs_per_forward (caption, image) pairs "
+        "spanning captions, so neither speed nor scores depend on it",
+    )
+    p.add_argument("--zero_shot", action="store_true", help="score with the pretraining model's ITM head")
+    new = add_new_flags(p, f"{EVAL_YAML}, else {TASKS_YAML}")
+    new.add_argument(
+        "--max_captions", type=positive, help="evaluate the first N captions (against all images)"
+    )
+    new.add_argument(
+        "--pairs_per_forward",
+        type=positive,
+        help="(caption, image) pairs per forward (default: what fits 2 GiB on CPU, 1/4 of a GPU)",
+    )
+    return p
+
+
+class _PaddedImages(Dataset):
+    """The split's images in annotation order, padded like the training samples."""
+
+    def __init__(self, features: RegionFeatureStore, image_ids: Sequence[int], max_region_num: int) -> None:
+        self.features = features
+        self.image_ids = list(image_ids)
+        self.max_region_num = max_region_num
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return pad_regions(self.features[self.image_ids[index]], self.max_region_num)
+
+
+def _retrieval_task(yaml_path: str, tasks: str) -> TaskConfig:
+    selected = select_tasks(load_task_configs(yaml_path), tasks, yaml_path)
+    if len(selected) != 1 or selected[0].name != RETRIEVAL_TASK:
+        names = ", ".join(f"{task.key} ({task.name})" for task in selected)
+        raise EvaluationError(
+            f"--tasks {tasks} selects {names}; eval_retrieval.py evaluates one {RETRIEVAL_TASK} task"
+        )
+    return selected[0]
+
+
+def format_retrieval_table(report: dict[str, Any]) -> str:
+    """The paper's columns, R@1 R@5 R@10 medr meanr, for both directions."""
+    lines = [
+        f"InterBERT {report['task']} {report['split']} ({report['mode']}): "
+        f"{report['num_captions']} captions x {report['num_images']} images",
+        f"{'':<17}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'medr':>8}{'meanr':>9}",
+    ]
+    for name in ("image_retrieval", "text_retrieval"):
+        m = report[name]
+        label = name.replace("_", " ")
+        lines.append(
+            f"{label:<17}{m['r1']:>8.2f}{m['r5']:>8.2f}{m['r10']:>8.2f}{m['medr']:>8.0f}{m['meanr']:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def evaluate_retrieval(args: argparse.Namespace, ctx: DistContext) -> dict[str, Any] | None:
+    """Score the split, gather the matrix on rank 0, write the results; the report on rank 0."""
+    yaml_path = resolve_task_config(args.task_config, (EVAL_YAML, TASKS_YAML))
+    task = _retrieval_task(yaml_path, args.tasks)
+    split = args.split or task.val_split
+    annotations = split_annotations(task, split, yaml_path)
+    config, tokenizer = config_and_tokenizer(args)
+    features = FeatureStores(args.in_memory)(task.features_h5path1)
+    dataset = RetrievalEvalDataset(
+        annotations, features, tokenizer, task.max_seq_length, task.max_region_num, rules=args.recipe
+    )
+    num_captions = min(args.max_captions or len(dataset), len(dataset))
+
+    model_class = InterBertForMultiModalPreTraining if args.zero_shot else InterBertForVLTasks
+    model = load_model(model_class, args, config, ITM_HEAD).to(ctx.device)
+    zero_shot = check_head_trained(args.from_pretrained, task.name, args.zero_shot) or args.zero_shot
+    precision = Precision.from_flags(args.fp16, args.bf16, ctx.device)
+    folder = make_run_folder(args, ctx, "-zero_shot" if args.zero_shot else "")
+
+    images = DataLoader(
+        _PaddedImages(features, dataset.image_ids, task.max_region_num),
+        batch_size=IMAGE_CHUNK,
+        collate_fn=collate_retrieval,
+        num_workers=loader_workers(args.num_workers * ctx.world_size, ctx.world_size, 1),
+        pin_memory=ctx.device.type == "cuda",
+    )
+    pairs = args.pairs_per_forward or block_size(
+        config,
+        task.max_region_num,
+        task.max_seq_length,
+        num_captions * dataset.num_images,
+        default_memory_budget(ctx.device),
+    )
+    scorer = RetrievalScorer(model, precision, min_across_ranks(pairs))
+    bank = scorer.embed_images(images, dataset.num_images)
+    stream = scorer.stream(
+        {key: torch.from_numpy(value[:num_captions]) for key, value in dataset.captions.items()}, bank
+    )
+    logger.info(
+        "%s %s: %d captions x %d images, %d pairs per forward, %d rank(s)",
+        task.name, split, num_captions, dataset.num_images, scorer.pairs_per_forward, ctx.world_size,
+    )  # fmt: skip
+    with progress(stream.total, dataset.num_images, "caption", ctx, args.quiet) as bar:
+        flat = scorer.score(
+            stream,
+            stream.shard(ctx.rank, ctx.world_size),
+            lambda done: bar.update(min(done * ctx.world_size, bar.total - bar.n)),
+        )
+    gathered = gather_to_main(flat)
+    if gathered is None:
+        return None
+
+    scores = stream.matrix(np.concatenate(gathered))
+    report = {
+        "task": task.name,
+        "split": split,
+        "mode": "zero-shot" if zero_shot else "fine-tuned",
+        "checkpoint": args.from_pretrained,
+        "config_file": args.config_file,
+        "annotations": annotations,
+        **retrieval_report(scores, dataset.caption_image_index[:num_captions], dataset.image_ids),
+    }
+    atomic_write(os.path.join(folder, f"scores_{split}.npy"), lambda handle: np.save(handle, scores))
+    atomic_write_json(os.path.join(folder, f"retrieval_{split}.json"), report)
+    print(format_retrieval_table(report))
+    print(f"results: {folder}")
+    return report
+
+
+def retrieval_main(argv: Sequence[str] | None = None) -> int:
+    return command_main(retrieval_parser(), evaluate_retrieval, argv)

@@ -22,8 +22,18 @@ logger = logging.getLogger(__name__)
 class RunLogger:
     """Rank-0 reporting; ``log_every`` optimiser steps a line with losses, lr and samples/s."""
 
-    def __init__(self, run_dir: str | None, enabled: bool, log_every: int = 20, quiet: bool = False) -> None:
+    def __init__(
+        self,
+        run_dir: str | None,
+        enabled: bool,
+        log_every: int = 20,
+        quiet: bool = False,
+        peak_flops: float | None = None,
+    ) -> None:
+        """``peak_flops``: the device's peak FLOP/s (:func:`vilbert.flops.peak_flops`); with it and
+        the ``flops`` of each step, every log line shows the model FLOPs utilisation (MFU)."""
         self.enabled = enabled
+        self.peak_flops = peak_flops
         self.log_every = max(1, log_every)
         self.show_bar = enabled and not quiet and sys.stderr.isatty()
         self.writer = None
@@ -36,6 +46,7 @@ class RunLogger:
         self._sums: dict[str, torch.Tensor | float] = {}
         self._count = 0
         self._samples = 0
+        self._flops = 0.0
         self._since = time.perf_counter()
         self.bar: tqdm | None = None
 
@@ -50,11 +61,18 @@ class RunLogger:
             self.bar = None
 
     def step(
-        self, global_step: int, losses: Mapping[str, torch.Tensor | float], lr: float, samples: int
+        self,
+        global_step: int,
+        losses: Mapping[str, torch.Tensor | float],
+        lr: float,
+        samples: int,
+        flops: float | None = None,
     ) -> None:
         """Record one optimiser step; every ``log_every`` steps print and plot the running means.
 
         Losses may stay on the device: they are summed there and read once per log line.
+        ``flops``: the model FLOPs of this optimiser step (:func:`vilbert.flops.batch_flops`, all
+        its micro-batches and ranks), for the achieved TFLOP/s and MFU of the log line.
         """
         if not self.enabled:
             return
@@ -63,6 +81,7 @@ class RunLogger:
             self._sums[name] = self._sums.get(name, 0.0) + value
         self._count += 1
         self._samples += samples
+        self._flops += flops or 0.0
         if self.bar is not None:
             self.bar.update(1)
         if global_step % self.log_every:
@@ -72,15 +91,24 @@ class RunLogger:
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
         rate = self._samples / elapsed
+        values = {**means, "lr": lr, "samples_per_s": rate}
+        throughput = ""
+        if self._flops:
+            values["tflops_per_s"] = self._flops / elapsed / 1e12
+            throughput = f" | {values['tflops_per_s']:.1f} TFLOP/s"
+            if self.peak_flops:
+                values["mfu"] = self._flops / elapsed / self.peak_flops
+                throughput += f" | MFU {values['mfu']:.1%}"
         logger.info(
-            "step %d | %s | lr %.3g | %.1f samples/s",
+            "step %d | %s | lr %.3g | %.1f samples/s%s",
             global_step,
             " ".join(f"{k} {v:.4f}" for k, v in means.items()),
             lr,
             rate,
+            throughput,
         )
-        self.scalars("train", {**means, "lr": lr, "samples_per_s": rate}, global_step)
-        self._sums, self._count, self._samples = {}, 0, 0
+        self.scalars("train", values, global_step)
+        self._sums, self._count, self._samples, self._flops = {}, 0, 0, 0.0
         self._since = time.perf_counter()
 
     def scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:

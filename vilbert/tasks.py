@@ -22,7 +22,10 @@ from torch.utils.data import Dataset
 
 from vilbert.datasets.features import RegionFeatureStore
 from vilbert.datasets.retrieval import RetrievalTrainDataset, collate_retrieval
+from vilbert.datasets.rules import DataRules
+from vilbert.datasets.validation import BadRecordPolicy
 from vilbert.datasets.vcr import VCRDataset, collate_vcr
+from vilbert.errors import BadInputError
 from vilbert.tokenization import BertTokenizer
 
 PATH_KEYS = (
@@ -36,7 +39,7 @@ HARD_NEGATIVES = "hard_negative.pkl"
 NAMES_TABLE = "unisex_names_table.csv"
 
 
-class TaskConfigError(ValueError):
+class TaskConfigError(BadInputError):
     """A task YAML that is missing, malformed, or lacks a requested task or key."""
 
 
@@ -71,6 +74,16 @@ def _resolve(path: str, base: str) -> str:
     return path if not path or os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
 
 
+def per_process_batch(task: TaskConfig, accumulation: int, world_size: int) -> int:
+    """YAML batch / accumulation / world size, which must divide exactly."""
+    if task.batch_size % (accumulation * world_size):
+        raise BadInputError(
+            f"{task.key} batch_size {task.batch_size} is not divisible by gradient_accumulation_steps "
+            f"{accumulation} x world size {world_size}"
+        )
+    return task.batch_size // (accumulation * world_size)
+
+
 def load_task_configs(path: str) -> dict[str, TaskConfig]:
     """Every ``TASKn`` entry of a task YAML, paths resolved against the YAML's folder."""
     if not os.path.isfile(path):
@@ -94,8 +107,39 @@ def load_task_configs(path: str) -> dict[str, TaskConfig]:
         values = {name: entry[name] for name in fields}
         for name in PATH_KEYS:
             values[name] = _resolve(str(values[name] or ""), base)
+        _check_numbers(values, f"{path}: {key}")
         configs[str(key)] = TaskConfig(key=str(key), **values)
     return configs
+
+
+# The YAML's numbers and their lower bounds (a batch of 0 or a region count of 0 cannot train).
+POSITIVE_INTS = ("max_seq_length", "max_region_num", "batch_size", "num_epoch", "task_id")
+MIN_SEQ_LENGTH = 4  # [CLS], two [SEP] and a token (VCR's pairs); retrieval needs 2
+
+
+def _check_numbers(values: dict[str, Any], where: str) -> None:
+    """Type and range of every number of a task entry, naming the YAML file, the task and the key."""
+    for name in POSITIVE_INTS:
+        value = values[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise TaskConfigError(f"{where} {name}: expected a positive whole number, got {value!r}")
+    if values["max_seq_length"] < MIN_SEQ_LENGTH:
+        raise TaskConfigError(
+            f"{where} max_seq_length: {values['max_seq_length']} cannot hold [CLS] text [SEP]"
+        )
+    if values["max_region_num"] < 2:
+        raise TaskConfigError(
+            f"{where} max_region_num: needs the global region and a box, got {values['max_region_num']}"
+        )
+    lr = values["lr"]
+    if isinstance(lr, str):  # YAML 1.1 reads 2e-5 (no dot) as text
+        try:
+            lr = float(lr)
+        except ValueError:
+            pass
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
+        raise TaskConfigError(f"{where} lr: expected a positive number, got {values['lr']!r}")
+    values["lr"] = float(lr)
 
 
 def select_tasks(configs: dict[str, TaskConfig], tasks: str, source: str) -> list[TaskConfig]:
@@ -128,13 +172,16 @@ class TaskOutput:
 class FeatureStores:
     """Opens each feature LMDB once, however many tasks share it."""
 
-    def __init__(self, in_memory: bool = False) -> None:
+    def __init__(self, in_memory: bool = False, on_bad_record: BadRecordPolicy = "error") -> None:
         self.in_memory = in_memory
+        self.on_bad_record = on_bad_record
         self._stores: dict[str, RegionFeatureStore] = {}
 
     def __call__(self, path: str) -> RegionFeatureStore:
         if path not in self._stores:
-            self._stores[path] = RegionFeatureStore(path, in_memory=self.in_memory)
+            self._stores[path] = RegionFeatureStore(
+                path, in_memory=self.in_memory, on_bad_record=self.on_bad_record
+            )
         return self._stores[path]
 
 
@@ -181,10 +228,18 @@ def retrieval_forward(model: nn.Module, batch: dict[str, Any]) -> TaskOutput:
     return TaskOutput(loss, correct, batch_size, pair_logits[:, :, 0])
 
 
-def _vcr_dataset(task: TaskConfig, split: str, tokenizer: BertTokenizer, stores: FeatureStores, seed: int):
+def _vcr_dataset(
+    task: TaskConfig,
+    split: str,
+    tokenizer: BertTokenizer,
+    stores: FeatureStores,
+    seed: int,
+    rules: DataRules = "modern",
+    annotations: str | None = None,
+):
     return VCRDataset(
         task.name,
-        task.annotations(split),
+        annotations or task.annotations(split),
         features_gt=stores(task.features_h5path2),
         features_det=stores(task.features_h5path1),
         tokenizer=tokenizer,
@@ -193,15 +248,22 @@ def _vcr_dataset(task: TaskConfig, split: str, tokenizer: BertTokenizer, stores:
         max_region_num=task.max_region_num,
         split=split,
         seed=seed,
+        rules=rules,
     )
 
 
 def _retrieval_dataset(
-    task: TaskConfig, split: str, tokenizer: BertTokenizer, stores: FeatureStores, seed: int
+    task: TaskConfig,
+    split: str,
+    tokenizer: BertTokenizer,
+    stores: FeatureStores,
+    seed: int,
+    rules: DataRules = "modern",
+    annotations: str | None = None,
 ):
     hard_negatives = os.path.join(task.dataroot, HARD_NEGATIVES)
     return RetrievalTrainDataset(
-        task.annotations(split),
+        annotations or task.annotations(split),
         stores(task.features_h5path1),
         tokenizer,
         hard_negatives if split == task.train_split and os.path.isfile(hard_negatives) else None,
@@ -210,14 +272,19 @@ def _retrieval_dataset(
         split="train" if split == task.train_split else split,
         seed=seed,
         cache_dir=task.dataroot if os.access(task.dataroot, os.W_OK) else None,
+        rules=rules,
     )
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """How to build a task's dataset for a split, collate it, and run the model on it."""
+    """How to build a task's dataset for a split, collate it, and run the model on it.
 
-    build: Callable[[TaskConfig, str, BertTokenizer, FeatureStores, int], Dataset]
+    ``build(task, split, tokenizer, stores, seed, rules="modern", annotations=None)``: ``rules`` as
+    ``datasets/rules.py`` states them (the scripts pass ``--recipe``); ``annotations`` overrides the
+    split's annotation file (evaluation reads splits the YAML does not name)."""
+
+    build: Callable[..., Dataset]
     collate: Callable[[list], dict[str, Any]]
     forward: Callable[[nn.Module, dict[str, Any]], TaskOutput]
 

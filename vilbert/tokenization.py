@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
+from vilbert.errors import BadInputError
+
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 VOCAB_NAME = "vocab.txt"
 BERT_BASE_UNCASED = "bert-base-uncased"
@@ -59,7 +61,7 @@ def _read_vocab(vocab_file: str) -> dict[str, int]:
                 vocab[token] = index
     for special in (PAD, UNK, CLS, SEP, MASK):
         if special not in vocab:
-            raise ValueError(f"{vocab_file}: vocabulary lacks the special token {special}")
+            raise BadInputError(f"{vocab_file}: vocabulary lacks the special token {special}")
     return vocab
 
 

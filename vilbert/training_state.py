@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import random
 import signal
 from dataclasses import asdict, dataclass, field, fields
@@ -23,18 +24,21 @@ from torch import nn
 
 from vilbert.atomic import atomic_torch_save
 from vilbert.distributed import any_across_ranks, unwrap_model
+from vilbert.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "vilbert-training-state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: step_in_epoch counts loop iterations (micro-batches) in both trainers
 
 
 @dataclass
 class TrainingState:
-    """Where the loop is. epoch is the epoch in progress (0-based); step_in_epoch counts the batches
-    of that epoch already consumed, so a resumed run skips exactly those. `extra` carries anything
-    else a script needs back (tensors and plain values only)."""
+    """Where the loop is. epoch is the epoch in progress (0-based); step_in_epoch counts the epoch's
+    loop iterations already done (pretraining: micro-batches; fine-tuning: iterations, one
+    micro-batch per active task), so a resumed run skips exactly those; global_step counts the
+    iterations that ended in an optimiser step. `extra` carries anything else a script needs back
+    (tensors and plain values only)."""
 
     epoch: int = 0
     global_step: int = 0
@@ -123,14 +127,14 @@ def _load_component(path: str, what: str, target: Any, saved: Any) -> None:
             logger.info("%s: %s state present but not used by this run", path, what)
         return
     if saved is None:
-        raise ValueError(
+        raise BadInputError(
             f"{path}: has no {what} state, but this run uses one (was it saved with other flags?)"
         )
     try:
         target.load_state_dict(saved)
     except (KeyError, ValueError, RuntimeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path}: {what} state does not fit this run: {first_line}") from error
+        raise BadInputError(f"{path}: {what} state does not fit this run: {first_line}") from error
 
 
 def load_training_state(
@@ -150,18 +154,23 @@ def load_training_state(
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"resume file {path} does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as error:
+        # Truncated (a copy cut short), damaged, or holding objects that are not plain data.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BadInputError(f"{path}: not a readable training state ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a training-state file (expected format {FORMAT!r})")
+        raise BadInputError(f"{path} is not a training-state file (expected format {FORMAT!r})")
     if payload.get("version") != FORMAT_VERSION:
-        raise ValueError(
+        raise BadInputError(
             f"{path}: training-state version {payload.get('version')}, expected {FORMAT_VERSION}"
         )
 
     result = unwrap_model(model).load_state_dict(payload["model"], strict=False)
     if result.missing_keys or result.unexpected_keys:
         example = (result.missing_keys or result.unexpected_keys)[0]
-        raise ValueError(
+        raise BadInputError(
             f"{path}: saved model does not match this model ({len(result.missing_keys)} missing, "
             f"{len(result.unexpected_keys)} unexpected keys, e.g. {example!r}); same --config_file?"
         )
@@ -200,7 +209,7 @@ class NonFiniteGuard:
 
     def __init__(self, max_bad_steps: int) -> None:
         if max_bad_steps < 1:
-            raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
+            raise BadInputError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
         self.max_bad_steps = max_bad_steps
         self.bad_steps = 0
         self.skipped_steps = 0

@@ -1,4 +1,4 @@
-"""Conceptual Captions pretraining data (data.md §2): files → per-sample dicts → named batches.
+"""Conceptual Captions pretraining data (``docs/data.md`` §2): files → per-sample dicts → named batches.
 
 Per sample: an ITM pair (the image's caption or, w.p. ``itm_prob``, the caption of another image),
 masked segment modelling on the caption, masked region modelling on the regions, and the global
@@ -19,7 +19,6 @@ masks on resume or with a different worker count.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -30,7 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vilbert.datasets.features import PretrainDatapoint, PretrainingLMDB
+from vilbert.datasets.captions import load_caption_json
+from vilbert.datasets.features import GLOBAL_BOX, PretrainDatapoint, PretrainingLMDB
+from vilbert.datasets.loader import batch_tensors, padded_length
 from vilbert.datasets.masking import (
     IGNORE_INDEX,
     bert_mask_tokens,
@@ -39,6 +40,10 @@ from vilbert.datasets.masking import (
     region_labels,
     span_mask_tokens,
 )
+from vilbert.datasets.rules import DataRules, check_rules
+from vilbert.datasets.shared_epoch import SharedEpoch
+from vilbert.datasets.validation import BOX_SLACK_PIXELS, check_region_record
+from vilbert.errors import BadInputError
 from vilbert.tokenization import BertTokenizer
 
 __all__ = [
@@ -48,12 +53,12 @@ __all__ = [
     "collate_pretraining",
     "load_caption_json",
     "pretraining_files",
+    "check_datapoint",
     "sample_rng",
 ]
 
 logger = logging.getLogger(__name__)
 
-GLOBAL_LOC = np.array([0.0, 0.0, 1.0, 1.0, 1.0], dtype=np.float32)
 MAX_CACHED_CAPTIONS = 1 << 20
 
 
@@ -87,7 +92,7 @@ def pretraining_files(
         lmdb_path = os.path.join(data_dir, "validation_all.lmdb")
         caption_json = os.path.join(data_dir, "caption_val.json")
     else:
-        raise ValueError(f"unknown split {split!r}; expected 'train' or 'val'")
+        raise BadInputError(f"unknown split {split!r}; expected 'train' or 'val'")
     if not os.path.exists(lmdb_path):
         hint = f" (nor training_feat_part_{rank}.lmdb)" if split == "train" and distributed else ""
         raise FileNotFoundError(f"pretraining LMDB not found: {lmdb_path}{hint}")
@@ -96,35 +101,42 @@ def pretraining_files(
     return PretrainingFiles(lmdb_path, caption_json)
 
 
-def load_caption_json(path: str) -> dict[str, str]:
-    """The ``image_id → caption`` dict used to draw mismatched captions; empty or malformed is an error."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            captions = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from None
-    if not isinstance(captions, dict):
-        raise ValueError(f"{path}: expected a JSON object image_id → caption, got {type(captions).__name__}")
-    if not captions:
-        raise ValueError(f"{path}: caption json is empty; ITM needs captions of other images to draw from")
-    bad = next((k for k, v in captions.items() if not isinstance(v, str)), None)
-    if bad is not None:
-        raise ValueError(f"{path}: caption of image {bad!r} is not a string")
-    return {str(k): v for k, v in captions.items()}
-
-
 def sample_rng(seed: int, rank: int, epoch: int, index: int) -> np.random.Generator:
     """The generator of one sample: a pure function of its coordinates, whoever computes it."""
-    return np.random.default_rng(np.random.SeedSequence([seed, rank, epoch, index]))
+    entropy = (seed, rank, epoch, index)
+    if all(0 <= value < 1 << 32 for value in entropy):
+        # The words SeedSequence would make of the list itself, without its slow per-item conversion.
+        return np.random.Generator(
+            np.random.PCG64(np.random.SeedSequence(np.array(entropy, dtype=np.uint32)))
+        )
+    return np.random.default_rng(np.random.SeedSequence(list(entropy)))
 
 
 def _image_id_number(image_id: str) -> int:
     try:
         return int(image_id)
     except ValueError:
-        raise ValueError(
+        raise BadInputError(
             f"image id {image_id!r} is not an integer; batches carry image ids as int64"
         ) from None
+
+
+def check_datapoint(datapoint: PretrainDatapoint, path: str, key: bytes) -> None:
+    """Refuse a damaged record (non-finite values, boxes outside the image) naming file and key.
+
+    A sum is finite only if every term is, so two sums and the box extremes clear a good record in
+    a few operations; the full check, which names the culprit, runs only on a suspect one.
+    """
+    n, image_w, image_h = int(datapoint.num_boxes), int(datapoint.image_w), int(datapoint.image_h)
+    features, boxes, cls_prob = datapoint.features[:n], datapoint.boxes[:n], datapoint.cls_prob[:n]
+    if n >= 1 and image_w > 0 and image_h > 0 and len(features) == len(boxes) == len(cls_prob) == n:
+        finite = np.isfinite(np.add.reduce(features, axis=None)) and np.isfinite(
+            np.add.reduce(cls_prob, axis=None)
+        )
+        inside = boxes.min() >= -BOX_SLACK_PIXELS and boxes[:, 0::2].max() <= image_w + BOX_SLACK_PIXELS
+        if finite and inside and boxes[:, 1::2].max() <= image_h + BOX_SLACK_PIXELS:
+            return
+    check_region_record(f"{path} key {key!r}", features, boxes, image_w, image_h, n, cls_prob)
 
 
 class PretrainingSampleBuilder:
@@ -140,11 +152,12 @@ class PretrainingSampleBuilder:
         predict_feature: bool = False,
         itm_prob: float = 0.5,
         caption_source: str = "caption json",
+        rules: DataRules = "modern",
     ) -> None:
         if max_seq_length < 2:
-            raise ValueError(f"max_seq_length must hold [CLS] and [SEP], got {max_seq_length}")
+            raise BadInputError(f"max_seq_length must hold [CLS] and [SEP], got {max_seq_length}")
         if region_len < 1:
-            raise ValueError(f"region_len must be positive, got {region_len}")
+            raise BadInputError(f"region_len must be positive, got {region_len}")
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
         self.region_len = region_len
@@ -152,9 +165,14 @@ class PretrainingSampleBuilder:
         self.predict_feature = predict_feature
         self.itm_prob = itm_prob
         self.caption_source = caption_source
+        self.rules = check_rules(rules)
         self._caption_ids = list(captions)
         self._caption_texts = [captions[k] for k in self._caption_ids]
         self._caption_position = {k: i for i, k in enumerate(self._caption_ids)}
+        self._same_prefix: dict[str, list[int]] = {}  # published rule: positions by id[:-1]
+        if rules == "published":
+            for position, caption_id in enumerate(self._caption_ids):
+                self._same_prefix.setdefault(caption_id[:-1], []).append(position)
         self._token_cache: dict[str, np.ndarray] = {}
 
     def tokens(self, caption: str) -> np.ndarray:
@@ -170,17 +188,23 @@ class PretrainingSampleBuilder:
     def other_caption(self, image_id: str, rng: np.random.Generator) -> str:
         """A caption of a uniformly drawn *different* image (no rejection loop).
 
-        The published code rejected ids equal to ``image_id`` up to their last character, which also
-        excluded unrelated images whose ids differ only in the last digit; only the image itself is
-        excluded here.
+        Excluded: the image itself; under the published rules every id equal to ``image_id`` up to its
+        last character (the published rejection loop compared ``id[:-1]``, see ``datasets/rules.py``).
         """
-        own = self._caption_position.get(image_id)
-        pool = len(self._caption_ids) - (own is not None)
+        if self.rules == "published":
+            excluded = self._same_prefix.get(image_id[:-1], [])
+        else:
+            own = self._caption_position.get(image_id)
+            excluded = [] if own is None else [own]
+        pool = len(self._caption_ids) - len(excluded)
         if pool <= 0:
-            raise ValueError(f"{self.caption_source}: no caption of an image other than {image_id!r} to draw")
+            raise BadInputError(
+                f"{self.caption_source}: no caption of an image other than {image_id!r} to draw"
+            )
         choice = int(rng.integers(pool))
-        if own is not None and choice >= own:
-            choice += 1
+        for position in excluded:  # ascending: skip each excluded position at or below the choice
+            if choice >= position:
+                choice += 1
         return self._caption_texts[choice]
 
     def build(self, datapoint: PretrainDatapoint, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -190,7 +214,9 @@ class PretrainingSampleBuilder:
         are copied once per sample instead of twice."""
         num_boxes, rows = int(datapoint.num_boxes), len(datapoint.features)
         if num_boxes < 1 or rows < num_boxes:
-            raise ValueError(f"image {datapoint.image_id!r}: num_boxes={num_boxes} with {rows} feature rows")
+            raise BadInputError(
+                f"image {datapoint.image_id!r}: num_boxes={num_boxes} with {rows} feature rows"
+            )
         n = min(num_boxes, self.region_len)
         features = datapoint.features[:n]
         image_w, image_h = float(datapoint.image_w), float(datapoint.image_h)
@@ -200,6 +226,8 @@ class PretrainingSampleBuilder:
         region_loc[:, 4] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (image_w * image_h)
         if self.span_mask:
             region_zeroed = targets = group_region_mask(region_loc, n, rng, image_w, image_h)
+            if self.rules == "published":  # a region stored as zeros is a target too
+                targets = region_zeroed | ~features.any(axis=1)
         else:
             region_zeroed, targets = independent_region_mask(n, rng)
 
@@ -246,6 +274,7 @@ class ConceptCapDataset(Dataset):
         seed: int = 0,
         rank: int = 0,
         itm_prob: float = 0.5,
+        rules: DataRules = "modern",
     ) -> None:
         self.datapoints = PretrainingLMDB(lmdb_path)
         self.builder = PretrainingSampleBuilder(
@@ -257,13 +286,14 @@ class ConceptCapDataset(Dataset):
             predict_feature=predict_feature,
             itm_prob=itm_prob,
             caption_source=caption_json,
+            rules=rules,
         )
         self.max_seq_length = max_seq_length
         self.region_len = region_len
         self.seed = seed
         self.rank = rank
-        # Shared memory, so persistent DataLoader workers see set_epoch calls made in the main process.
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        # Shared, so persistent DataLoader workers see set_epoch calls made in the main process.
+        self._epoch = SharedEpoch()
         logger.info("pretraining data: %s (%d datapoints), captions %s", lmdb_path, len(self), caption_json)
 
     def __len__(self) -> int:
@@ -271,34 +301,94 @@ class ConceptCapDataset(Dataset):
 
     @property
     def epoch(self) -> int:
-        return int(self._epoch)
+        return self._epoch.get()
 
     def set_epoch(self, epoch: int) -> None:
-        self._epoch.fill_(epoch)
+        self._epoch.set(epoch)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if index < 0:
             index += len(self)
-        return self.builder.build(self.datapoints[index], sample_rng(self.seed, self.rank, self.epoch, index))
+        datapoint = self.datapoints.view(index)
+        check_datapoint(datapoint, self.datapoints.path, self.datapoints.keys()[index])
+        return self.builder.build(datapoint, sample_rng(self.seed, self.rank, self.epoch, index))
 
-    def collate_fn(self, dynamic_padding: bool = True) -> functools.partial:
+    def collate_fn(self, dynamic_padding: bool = True, pad_to_multiple: int = 8) -> functools.partial:
         """:func:`collate_pretraining` bound to this dataset's maxima (picklable for workers)."""
         return functools.partial(
             collate_pretraining,
             dynamic_padding=dynamic_padding,
             max_seq_length=self.max_seq_length,
             region_len=self.region_len,
+            pad_to_multiple=pad_to_multiple,
         )
 
 
-def _float_batch(shape: tuple[int, int, int], in_worker: bool) -> torch.Tensor:
-    """An uninitialised float32 batch tensor. In a DataLoader worker it is allocated straight in
-    shared memory (as ``default_collate`` does), else sending it to the main process would move it
-    there with one more copy of the largest arrays of the batch."""
-    if not in_worker:
-        return torch.empty(shape, dtype=torch.float32)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)  # the call default_collate makes
-    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+def _batch_shape(
+    text_lengths: np.ndarray,
+    region_counts: np.ndarray,
+    dynamic: bool,
+    max_seq_length: int,
+    region_len: int,
+    pad: int,
+) -> tuple[int, int]:
+    """(tokens, regions including the global one) of the padded batch."""
+    longest_text, most_regions = int(text_lengths.max()), int(region_counts.max())
+    if dynamic:
+        return (
+            padded_length(longest_text, pad, max_seq_length),
+            padded_length(most_regions + 1, pad, region_len + 1),
+        )
+    if longest_text > max_seq_length or most_regions > region_len:
+        raise BadInputError(
+            f"a sample has {longest_text} tokens / {most_regions} regions, more than the "
+            f"fixed padding {max_seq_length} / {region_len}"
+        )
+    return max_seq_length, region_len + 1
+
+
+def _batch_fields(
+    size: int, seq_len: int, num_regions: int, feat_dim: int, target_dim: int
+) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    f32, i64 = torch.float32, torch.int64
+    return [
+        ("input_ids", i64, (size, seq_len)),
+        ("input_mask", i64, (size, seq_len)),
+        ("segment_ids", i64, (size, seq_len)),
+        ("lm_label_ids", i64, (size, seq_len)),
+        ("is_next", i64, (size,)),
+        ("image_feat", f32, (size, num_regions, feat_dim)),
+        ("image_loc", f32, (size, num_regions, 5)),
+        ("image_target", f32, (size, num_regions - 1, target_dim)),
+        ("image_label", i64, (size, num_regions - 1)),
+        ("image_mask", i64, (size, num_regions)),
+        ("multimodal_mask", i64, (size, num_regions + seq_len)),
+        ("image_id", i64, (size,)),
+    ]
+
+
+def _write_regions(
+    samples: Sequence[Mapping[str, np.ndarray]], image_feat: np.ndarray, image_target: np.ndarray
+) -> None:
+    """Each sample's regions with its MRM zeroing, the global region (row 0: the mean of the real
+    regions after masking) and zeroed padding, written straight into the batch arrays."""
+    for i, sample in enumerate(samples):
+        features = sample["region_feat"]
+        n = len(features)
+        regions = image_feat[i, 1 : n + 1]
+        regions[...] = features
+        regions[sample["region_zeroed"]] = 0
+        np.add.reduce(regions, axis=0, out=image_feat[i, 0])
+        image_feat[i, 0] /= np.int64(n)
+        image_feat[i, n + 1 :] = 0
+        image_target[i, :n] = sample["image_target"]
+        image_target[i, n:] = 0
+
+
+def _scatter_rows(target: np.ndarray, filled: np.ndarray, rows: list[np.ndarray], pad: int) -> None:
+    """``target[i, :len(rows[i])] = rows[i]`` for every i and ``pad`` elsewhere, in two operations."""
+    target.fill(pad)
+    target[filled] = np.concatenate(rows)
 
 
 def collate_pretraining(
@@ -306,68 +396,54 @@ def collate_pretraining(
     dynamic_padding: bool = True,
     max_seq_length: int = 36,
     region_len: int = 36,
+    pad_to_multiple: int = 8,
 ) -> dict[str, torch.Tensor]:
     """Pad and stack samples into the named pretraining batch, applying each sample's region masking.
 
     ``image_feat`` row 0 is the global region: the mean over the real regions after masking
     (zeroed regions count as zeros). Text is padded with id 0, label -1; regions with zero
     features/boxes, label -1. With ``dynamic_padding`` the batch is as long as its longest caption
-    and region list; otherwise ``max_seq_length`` tokens and ``region_len + 1`` regions.
+    and region list (the global one included) rounded up to ``pad_to_multiple`` positions, never
+    past the fixed padding; otherwise ``max_seq_length`` tokens and ``region_len + 1`` regions.
     ``image_target`` and ``image_label`` cover the real regions only (one fewer than ``image_feat``).
+    Every tensor is a view of one buffer, reused across batches in a DataLoader worker
+    (:func:`~vilbert.datasets.loader.batch_tensors`).
     """
     if not samples:
-        raise ValueError("cannot collate an empty list of samples")
+        raise BadInputError("cannot collate an empty list of samples")
     text_lengths = np.array([len(s["input_ids"]) for s in samples])
     region_counts = np.array([len(s["region_feat"]) for s in samples])
-    if dynamic_padding:
-        seq_len, num_regions = int(text_lengths.max()), int(region_counts.max()) + 1
-    else:
-        seq_len, num_regions = max_seq_length, region_len + 1
-        if text_lengths.max() > seq_len or region_counts.max() >= num_regions:
-            raise ValueError(
-                f"a sample has {text_lengths.max()} tokens / {region_counts.max()} regions, more than the "
-                f"fixed padding {seq_len} / {region_len}"
-            )
+    seq_len, num_regions = _batch_shape(
+        text_lengths, region_counts, dynamic_padding, max_seq_length, region_len, pad_to_multiple
+    )
     size = len(samples)
-    feat_dim = samples[0]["region_feat"].shape[1]
-    target_dim = samples[0]["image_target"].shape[1]
-    in_worker = torch.utils.data.get_worker_info() is not None
-    feat_tensor = _float_batch((size, num_regions, feat_dim), in_worker)
-    target_tensor = _float_batch((size, num_regions - 1, target_dim), in_worker)
-    image_feat, image_target = feat_tensor.numpy(), target_tensor.numpy()
+    feat_dim, target_dim = samples[0]["region_feat"].shape[1], samples[0]["image_target"].shape[1]
+    largest = _batch_fields(
+        size, max(seq_len, max_seq_length), max(num_regions, region_len + 1), feat_dim, target_dim
+    )
+    batch = batch_tensors(
+        _batch_fields(size, seq_len, num_regions, feat_dim, target_dim),
+        capacity=sum(math.prod(shape) * dtype.itemsize + 64 for _, dtype, shape in largest),
+    )
+    arrays = {name: tensor.numpy() for name, tensor in batch.items()}
+    _write_regions(samples, arrays["image_feat"], arrays["image_target"])
 
-    input_ids = np.zeros((size, seq_len), dtype=np.int64)
-    lm_label_ids = np.full((size, seq_len), IGNORE_INDEX, dtype=np.int64)
-    image_loc = np.zeros((size, num_regions, 5), dtype=np.float32)
-    image_loc[:, 0] = GLOBAL_LOC
-    image_label = np.full((size, num_regions - 1), IGNORE_INDEX, dtype=np.int64)
-    for i, (sample, length, n) in enumerate(zip(samples, text_lengths, region_counts)):
-        input_ids[i, :length] = sample["input_ids"]
-        lm_label_ids[i, :length] = sample["lm_label_ids"]
-        regions = image_feat[i, 1 : n + 1]
-        regions[...] = sample["region_feat"]
-        regions[sample["region_zeroed"]] = 0
-        np.add.reduce(regions, axis=0, out=image_feat[i, 0])
-        image_feat[i, 0] /= n
-        image_feat[i, n + 1 :] = 0
-        image_target[i, :n] = sample["image_target"]
-        image_target[i, n:] = 0
-        image_loc[i, 1 : n + 1] = sample["region_loc"]
-        image_label[i, :n] = sample["image_label"]
-
-    input_mask = (np.arange(seq_len) < text_lengths[:, None]).astype(np.int64)
-    image_mask = (np.arange(num_regions) <= region_counts[:, None]).astype(np.int64)
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "input_mask": torch.from_numpy(input_mask),
-        "segment_ids": torch.zeros((size, seq_len), dtype=torch.int64),
-        "lm_label_ids": torch.from_numpy(lm_label_ids),
-        "is_next": torch.tensor([int(s["is_next"]) for s in samples], dtype=torch.int64),
-        "image_feat": feat_tensor,
-        "image_loc": torch.from_numpy(image_loc),
-        "image_target": target_tensor,
-        "image_label": torch.from_numpy(image_label),
-        "image_mask": torch.from_numpy(image_mask),
-        "multimodal_mask": torch.from_numpy(np.concatenate([image_mask, input_mask], axis=1)),
-        "image_id": torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.int64),
-    }
+    text = np.arange(seq_len) < text_lengths[:, None]
+    regions = np.arange(num_regions - 1) < region_counts[:, None]
+    _scatter_rows(arrays["input_ids"], text, [s["input_ids"] for s in samples], 0)
+    _scatter_rows(arrays["lm_label_ids"], text, [s["lm_label_ids"] for s in samples], IGNORE_INDEX)
+    _scatter_rows(arrays["image_label"], regions, [s["image_label"] for s in samples], IGNORE_INDEX)
+    image_loc = arrays["image_loc"]
+    image_loc[:, 0] = GLOBAL_BOX
+    image_loc[:, 1:][~regions] = 0
+    image_loc[:, 1:][regions] = np.concatenate([s["region_loc"] for s in samples])
+    arrays["input_mask"][...] = text
+    arrays["segment_ids"].fill(0)
+    image_mask = arrays["image_mask"]
+    image_mask[:, 0] = 1
+    image_mask[:, 1:] = regions
+    arrays["multimodal_mask"][:, :num_regions] = image_mask
+    arrays["multimodal_mask"][:, num_regions:] = text
+    arrays["is_next"][...] = [int(s["is_next"]) for s in samples]
+    arrays["image_id"][...] = [int(s["image_id"]) for s in samples]
+    return batch

@@ -1,4 +1,4 @@
-"""Region-feature stores: the ViLBERT feature LMDB (data.md §1) and the pretraining LMDB (§2).
+"""Region-feature stores: the ViLBERT feature LMDB and the pretraining LMDB (``docs/data.md`` §1, §2).
 
 Both are read lazily, once per process (an LMDB environment must not cross a fork, and DataLoader
 workers receive these objects by pickling), read-only and lock-free, with every value decoded by
@@ -13,20 +13,31 @@ import binascii
 import logging
 import os
 import pickle
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import lmdb
 import numpy as np
 
+from vilbert.datasets.lmdb_check import check_lmdb_file, lmdb_errors_named, open_checked_readonly
 from vilbert.datasets.lmdb_writer import AtomicLMDBWriter, CommitOrAbort
 from vilbert.datasets.serialization import (
     UnsafePickleError,
+    held_view,
     loads_tensorpack_value,
+    loads_tensorpack_view,
     msgpack_dumps,
     safe_pickle_loads,
 )
+from vilbert.datasets.validation import (
+    BadRecordCounter,
+    BadRecordError,
+    BadRecordPolicy,
+    SkippedRecordError,
+    check_region_record,
+)
+from vilbert.errors import BadInputError
 
 __all__ = [
     "LMDBFormatError",
@@ -51,14 +62,14 @@ PRETRAIN_KEYS_ENTRY = b"__keys__"
 GLOBAL_BOX = np.array([0.0, 0.0, 1.0, 1.0, 1.0], dtype=np.float32)
 
 
-class MissingImageError(KeyError):
-    """An image id that the feature LMDB does not hold."""
+class MissingImageError(BadInputError, KeyError):
+    """An image id that the feature LMDB does not hold (still a KeyError for lookup-style callers)."""
 
     def __str__(self) -> str:  # KeyError would print the message quoted
         return str(self.args[0]) if self.args else ""
 
 
-class LMDBFormatError(ValueError):
+class LMDBFormatError(BadInputError):
     """An LMDB lacks an entry its format requires, or holds a malformed value."""
 
 
@@ -91,7 +102,7 @@ def _readonly_env(path: str) -> lmdb.Environment:
     entry = _ENVS.get(key)
     if entry is not None and entry[0] == identity:
         return entry[1]
-    env = lmdb.open(path, subdir=subdir, readonly=True, lock=False, readahead=False, meminit=False)
+    env = open_checked_readonly(path, subdir)  # size against its meta pages first: never a SIGBUS
     _ENVS[key] = (identity, env)
     return env
 
@@ -105,14 +116,16 @@ class _LazyLMDB:
     def __init__(self, path: str) -> None:
         if not os.path.exists(path):
             raise FileNotFoundError(f"LMDB not found: {path}")
+        check_lmdb_file(path, os.path.isdir(path))  # here too, so a damaged file fails before any fork
         self.path = path
 
     def _get(self, key: bytes) -> bytes | None:
-        with _readonly_env(self.path).begin(write=False, buffers=False) as txn:
+        env = _readonly_env(self.path)
+        with lmdb_errors_named(self.path), env.begin(write=False, buffers=False) as txn:
             return txn.get(key)
 
 
-# §1 region-feature LMDB
+# docs/data.md §1: region-feature LMDB
 
 
 @dataclass
@@ -165,14 +178,18 @@ def parse_region_item(item: Any, what: str) -> RegionFeatures:
     image_w = _int_field(item, "image_w", what)
     n = _int_field(item, "num_boxes", what)
     if n <= 0 or image_h <= 0 or image_w <= 0:
-        raise LMDBFormatError(f"{what}: needs num_boxes, image_h, image_w > 0, got {n}, {image_h}, {image_w}")
+        raise BadRecordError(f"{what}: needs num_boxes, image_h, image_w > 0, got {n}, {image_h}, {image_w}")
     boxes = _b64_array(item, "boxes", n, what)
     if boxes.shape[1] != 4:
         raise LMDBFormatError(f"{what}: boxes have {boxes.shape[1]} columns, expected 4")
     features = _b64_array(item, "features", n, what)
     cls_prob = _b64_array(item, "cls_prob", n, what).copy() if "cls_prob" in item else None
+    check_region_record(what, features, boxes, image_w, image_h, n, cls_prob)
 
-    global_feature = features.mean(axis=0, dtype=np.float32, keepdims=True)
+    with np.errstate(over="ignore"):  # an overflow is reported below, as a damaged record
+        global_feature = features.mean(axis=0, dtype=np.float32, keepdims=True)
+    if not np.isfinite(global_feature).all():
+        raise BadRecordError(f"{what}: the global feature (mean of its {n} regions) overflows float32")
     scale = np.array([image_w, image_h, image_w, image_h], dtype=np.float32)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / np.float32(image_w * image_h)
     normalised = np.concatenate([boxes / scale, area[:, None]], axis=1).astype(np.float32)
@@ -192,12 +209,19 @@ class RegionFeatureStore(_LazyLMDB):
 
     With ``in_memory=True`` decoded images are kept in a dict; their arrays are then made read-only
     so that a caller mutating one cannot corrupt later reads.
+
+    Every decoded image is checked (:func:`~vilbert.datasets.validation.check_region_record`). A
+    damaged one is refused with an error naming the file and key (``on_bad_record="error"``), or,
+    under ``"skip"``, warned about once (counted) and raised as ``SkippedRecordError`` on every
+    read, which the training datasets answer by taking another sample.
     """
 
-    def __init__(self, path: str, in_memory: bool = False) -> None:
+    def __init__(self, path: str, in_memory: bool = False, on_bad_record: BadRecordPolicy = "error") -> None:
         super().__init__(path)
         self.in_memory = in_memory
+        self.bad_records = BadRecordCounter(on_bad_record)
         self._cache: dict[str, RegionFeatures] = {}
+        self._skipped: dict[str, str] = {}
         self._ids: list[str] | None = None
 
     def image_ids(self) -> list[str]:
@@ -227,12 +251,19 @@ class RegionFeatureStore(_LazyLMDB):
         cached = self._cache.get(name)
         if cached is not None:
             return cached
+        if name in self._skipped:
+            raise SkippedRecordError(self._skipped[name])
         key = name.encode()
         raw = self._get(key) if key != REGION_KEYS_ENTRY else None
         if raw is None:
             raise MissingImageError(f"image id {name!r} not found in region-feature LMDB {self.path}")
         what = f"{self.path} key {key!r}"
-        regions = parse_region_item(safe_pickle_loads(raw, what), what)
+        try:
+            regions = parse_region_item(safe_pickle_loads(raw, what), what)
+        except (BadRecordError, LMDBFormatError) as error:
+            skipped = self.bad_records.handle(error)
+            self._skipped[name] = str(skipped)
+            raise skipped from None
         if self.in_memory:
             for array in (regions.features, regions.boxes, regions.pixel_boxes, regions.cls_prob):
                 if array is not None:
@@ -247,7 +278,7 @@ def _float32_rows(
     array = np.ascontiguousarray(record[field], dtype=np.float32)
     if array.ndim != 2 or array.shape[0] != rows or (cols is not None and array.shape[1] != cols):
         expected = f"[{rows}, {cols if cols is not None else 'D'}]"
-        raise ValueError(f"{what}: {field} has shape {list(array.shape)}, expected {expected}")
+        raise BadInputError(f"{what}: {field} has shape {list(array.shape)}, expected {expected}")
     return array
 
 
@@ -263,7 +294,8 @@ def _plain_image_id(image_id: Any) -> int | str:
 
 
 class RegionFeatureWriter(CommitOrAbort):
-    """Writes the §1 format record by record (a directory LMDB; ``keys`` written last, at commit)."""
+    """Writes the ``docs/data.md`` §1 format record by record (a directory LMDB; ``keys`` written
+    last, at commit)."""
 
     def __init__(self, path: str, overwrite: bool = False) -> None:
         self.path = path
@@ -278,7 +310,7 @@ class RegionFeatureWriter(CommitOrAbort):
         what = f"{self.path}: image {image_id!r}"
         key = str(image_id).encode()
         if key == REGION_KEYS_ENTRY or key in self._seen:
-            raise ValueError(f"{what}: duplicate or reserved image id")
+            raise BadInputError(f"{what}: duplicate or reserved image id")
         n = int(record["num_boxes"])
         item: dict[str, Any] = {
             "image_id": image_id,
@@ -306,7 +338,8 @@ class RegionFeatureWriter(CommitOrAbort):
 
 
 def write_region_features(path: str, records: Iterable[Mapping[str, Any]], overwrite: bool = False) -> int:
-    """Write a §1 region-feature LMDB from ``records``; returns the number of images written."""
+    """Write a ``docs/data.md`` §1 region-feature LMDB from ``records``; returns the number of images
+    written."""
     writer = RegionFeatureWriter(path, overwrite=overwrite)
     try:
         for record in records:
@@ -317,7 +350,7 @@ def write_region_features(path: str, records: Iterable[Mapping[str, Any]], overw
     return writer.commit()
 
 
-# §2 pretraining LMDB (tensorpack LMDBSerializer layout, read and written without tensorpack)
+# docs/data.md §2: pretraining LMDB (tensorpack LMDBSerializer layout, read and written without tensorpack)
 
 
 @dataclass
@@ -372,6 +405,10 @@ class PretrainingLMDB(_LazyLMDB):
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self._keys: list[bytes] | None = None
+        self._env: tuple[int, lmdb.Environment] | None = None  # (pid, environment); never pickled
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_env": None}
 
     def keys(self) -> list[bytes]:
         if self._keys is None:
@@ -390,15 +427,41 @@ class PretrainingLMDB(_LazyLMDB):
         return len(self.keys())
 
     def __getitem__(self, index: int) -> PretrainDatapoint:
+        """Datapoint ``index`` with arrays of its own (writable); :meth:`view` is the zero-copy read."""
+        point = self.view(index)
+        for name in ("features", "cls_prob", "boxes"):
+            array = getattr(point, name)
+            if not array.flags.writeable:
+                setattr(point, name, np.array(array))
+        return point
+
+    def view(self, index: int) -> PretrainDatapoint:
+        """Datapoint ``index`` whose arrays are read-only views of the memory map (each holds its read
+        transaction open): what the pretraining dataset reads, copying each sample once, into the batch."""
         keys = self.keys()
         if not -len(keys) <= index < len(keys):
             raise IndexError(f"index {index} out of range for {self.path} ({len(keys)} datapoints)")
         key = keys[index]
-        raw = self._get(key)
+        if self._env is None or self._env[0] != os.getpid():
+            self._env = (os.getpid(), _readonly_env(self.path))
+        # Zero-copy: the arrays are read-only views of the memory map that hold their transaction.
+        with lmdb_errors_named(self.path):
+            txn = self._env[1].begin(write=False, buffers=True)
+            raw = txn.get(key)
         if raw is None:
             raise LMDBFormatError(f"{self.path}: key {key!r} is listed in __keys__ but missing")
         what = f"{self.path} key {key!r}"
-        return PretrainDatapoint.from_list(loads_tensorpack_value(raw, what), what)
+        value = loads_tensorpack_view(held_view(raw, txn), what)
+        if isinstance(value, list) and len(value) == 8:
+            features, cls_prob, boxes, num_boxes, image_h, image_w, image_id, caption = value
+            arrays = (features, cls_prob, boxes)
+            plain = all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays)
+            plain = plain and all(type(v) is int for v in (num_boxes, image_h, image_w))
+            if plain and boxes.size % 4 == 0 and isinstance(image_id, str) and isinstance(caption, str):
+                return PretrainDatapoint(
+                    features, cls_prob, boxes.reshape(-1, 4), num_boxes, image_h, image_w, image_id, caption
+                )
+        return PretrainDatapoint.from_list(value, what)  # other layouts: converted (and copied) there
 
 
 Serializer = Literal["msgpack", "pickle"]
@@ -411,7 +474,7 @@ class PretrainingLMDBWriter(CommitOrAbort):
         self, path: str, serializer: Serializer = "msgpack", overwrite: bool = False, subdir: bool = False
     ) -> None:
         if serializer not in ("msgpack", "pickle"):
-            raise ValueError(f"unknown serializer {serializer!r}; use 'msgpack' or 'pickle'")
+            raise BadInputError(f"unknown serializer {serializer!r}; use 'msgpack' or 'pickle'")
         self.path = path
         self._dumps = msgpack_dumps if serializer == "msgpack" else _pickle_dumps
         self._writer = AtomicLMDBWriter(path, subdir=subdir, overwrite=overwrite)
@@ -443,7 +506,8 @@ def write_pretraining_lmdb(
     overwrite: bool = False,
     subdir: bool = False,
 ) -> int:
-    """Write a §2 pretraining LMDB (single file by default, as tensorpack does); returns the count."""
+    """Write a ``docs/data.md`` §2 pretraining LMDB (single file by default, as tensorpack does);
+    returns the count."""
     writer = PretrainingLMDBWriter(path, serializer=serializer, overwrite=overwrite, subdir=subdir)
     try:
         for datapoint in datapoints:
@@ -452,3 +516,16 @@ def write_pretraining_lmdb(
         writer.abort()
         raise
     return writer.commit()
+
+
+def check_images_present(
+    image_ids: Sequence[int | str], features: RegionFeatureStore, annotations_path: str
+) -> None:
+    """Fail at construction, not mid-epoch, when an annotated image has no features (one pass over the
+    LMDB's key list, not one value read per image)."""
+    available = set(features.image_ids())
+    for image_id in image_ids:
+        if str(image_id) not in available:
+            raise MissingImageError(
+                f"image {image_id} of {annotations_path} is not in the region-feature LMDB {features.path}"
+            )

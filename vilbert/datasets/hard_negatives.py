@@ -1,9 +1,13 @@
-"""Hard-negative pools for Flickr30K retrieval training (``hard_negative.pkl``, data.md §3).
+"""Hard-negative pools for Flickr30K retrieval training (``hard_negative.pkl``, ``docs/data.md`` §3).
 
 For each training image, the indices (into ``train_image_list``) of the images most similar to it,
 position 0 being the image itself. Similarity here is the cosine of the global region features
 (the mean of each image's region features), computed in chunks so 30k images fit in memory.
 Reading the file back is the retrieval dataset's job (``vilbert.datasets.retrieval``).
+
+An existing pool is never replaced without ``overwrite`` (as every other writer of the project),
+and an image whose global feature is not finite is an error naming it: its cosine with every
+other image would be NaN and its "neighbours" arbitrary.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import numpy as np
 
 from vilbert.datasets.features import RegionFeatureStore
 from vilbert.datasets.jsonl import AnnotationError, read_jsonl_records
+from vilbert.datasets.validation import BadRecordError
+from vilbert.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +45,23 @@ def flickr_image_id(annotation: Mapping[str, Any]) -> int:
 
 
 def global_features(store: RegionFeatureStore, image_ids: Sequence[int | str]) -> np.ndarray:
-    """[N, D] float32: each image's global region (row 0 of its features)."""
+    """[N, D] float32: each image's global region (row 0 of its features), refused when not finite."""
     rows = [store[image_id].features[0] for image_id in image_ids]
-    return np.stack(rows).astype(np.float32, copy=False)
+    features = np.stack(rows).astype(np.float32, copy=False)
+    bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    if len(bad):
+        raise BadRecordError(
+            f"{store.path}: global feature of image {image_ids[bad[0]]} is not finite (NaN or Inf; "
+            f"{len(bad)} such images); its hard negatives would be arbitrary"
+        )
+    return features
 
 
 def nearest_by_cosine(features: np.ndarray, pool_size: int, chunk: int = 1024) -> np.ndarray:
     """[N, K] indices of the K = min(pool_size, N) most cosine-similar rows, self first, best first."""
     n = features.shape[0]
     if n == 0:
-        raise ValueError("cannot build a hard-negative pool from zero images")
+        raise BadInputError("cannot build a hard-negative pool from zero images")
     k = min(pool_size, n)
     norms = np.linalg.norm(features, axis=1, keepdims=True)
     unit = features / np.maximum(norms, np.finfo(np.float32).tiny)
@@ -70,10 +83,19 @@ def build_hard_negative_pool(
     return nearest_by_cosine(global_features(store, image_ids), pool_size, chunk)
 
 
-def write_hard_negatives(path: str, image_ids: Sequence[int | str], pool: np.ndarray) -> None:
+def refuse_existing(path: str, overwrite: bool) -> None:
+    """An existing pool is replaced only when asked to."""
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+
+
+def write_hard_negatives(
+    path: str, image_ids: Sequence[int | str], pool: np.ndarray, overwrite: bool = False
+) -> None:
     """Write the published pickle layout: ``{"train_image_list": [...], "train_hard_pool": array}``."""
+    refuse_existing(path, overwrite)
     if len(image_ids) != pool.shape[0]:
-        raise ValueError(f"{path}: {len(image_ids)} image ids but {pool.shape[0]} pool rows")
+        raise BadInputError(f"{path}: {len(image_ids)} image ids but {pool.shape[0]} pool rows")
     payload = {"train_image_list": list(image_ids), "train_hard_pool": np.asarray(pool, dtype=np.int64)}
     data = pickle.dumps(payload, protocol=4)
     # Temp file + rename (as vilbert.atomic does, without importing torch into a data tool).
@@ -91,9 +113,15 @@ def write_hard_negatives(path: str, image_ids: Sequence[int | str], pool: np.nda
 
 
 def hard_negatives_from_annotations(
-    features_path: str, annotations_path: str, output_path: str, pool_size: int = 100, chunk: int = 1024
+    features_path: str,
+    annotations_path: str,
+    output_path: str,
+    pool_size: int = 100,
+    chunk: int = 1024,
+    overwrite: bool = False,
 ) -> tuple[list[int], np.ndarray]:
     """Build and write ``hard_negative.pkl`` for the images of a Flickr30K ``.jsonline`` file."""
+    refuse_existing(output_path, overwrite)  # before the work, not after it
     image_ids: list[int] = []
     for lineno, annotation in read_jsonl_records(annotations_path):
         try:
@@ -102,6 +130,6 @@ def hard_negatives_from_annotations(
             raise AnnotationError(f"{annotations_path}:{lineno}: {err}") from None
     image_ids = list(dict.fromkeys(image_ids))
     pool = build_hard_negative_pool(RegionFeatureStore(features_path), image_ids, pool_size, chunk)
-    write_hard_negatives(output_path, image_ids, pool)
+    write_hard_negatives(output_path, image_ids, pool, overwrite=overwrite)
     logger.info("wrote a %d x %d hard-negative pool to %s", pool.shape[0], pool.shape[1], output_path)
     return image_ids, pool

@@ -6,12 +6,14 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from vilbert.errors import BadInputError
 
-class JSONLinesError(ValueError):
+
+class JSONLinesError(BadInputError):
     """A line of a JSON-lines file that is not a JSON object."""
 
 
-class AnnotationError(ValueError):
+class AnnotationError(BadInputError):
     """An annotation file or hard-negative pool whose content is not what the task expects."""
 
 

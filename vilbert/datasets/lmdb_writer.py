@@ -3,18 +3,26 @@
 A converter that dies half-way (a bad TSV line, a full disk, Ctrl-C) must never leave a partial
 LMDB where a good one was, nor one that a later run mistakes for finished. The map grows by
 doubling on ``MapFullError``, so no platform-dependent huge ``map_size`` is needed.
+
+A killed converter (SIGKILL, a lost machine) cannot clean up, and its staging folder may be as big
+as the output. Staging folders are named by :func:`vilbert.atomic.temporary_name`, which records
+the writer's pid, so the next writer of the same output removes those of dead writers and never a
+live writer's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import shutil
-import tempfile
 from types import TracebackType
 from typing import TypeVar
 
 import lmdb
+
+from vilbert.atomic import parse_temporary_name, temporary_name
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +37,59 @@ def _remove(path: str) -> None:
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.remove(path)
+
+
+# ``tmp``: the LMDB being built; ``old``: the output it replaces, for the moment of the swap.
+_STAGING_SUFFIXES = ("tmp", "old")
+
+
+def _legacy_staging_name(base: str) -> re.Pattern[str]:
+    """How staging folders were named before they recorded their writer (``tempfile.mkdtemp``)."""
+    return re.compile(rf"^\.{re.escape(base)}\.[a-z0-9_]{{8}}\.(tmp|old)$")
+
+
+def _make_staging_folder(parent: str, base: str, suffix: str) -> str:
+    while True:
+        folder = os.path.join(parent, temporary_name(base, suffix))
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            continue
+        return folder
+
+
+def _size(folder: str) -> int:
+    return sum(
+        os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names
+    )
+
+
+def _is_stale_staging(name: str, base: str, legacy: re.Pattern[str]) -> bool:
+    parsed = parse_temporary_name(name)
+    if parsed is None:
+        return legacy.match(name) is not None
+    return parsed.target == base and parsed.suffix in _STAGING_SUFFIXES and not parsed.writer_alive
+
+
+def remove_stale_staging(path: str) -> list[str]:
+    """Remove the staging folders that dead writers of ``path`` left beside it. Returns their names."""
+    parent, base = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    if not os.path.isdir(parent):
+        return []
+    legacy = _legacy_staging_name(base)
+    removed, freed = [], 0
+    for name in sorted(os.listdir(parent)):
+        folder = os.path.join(parent, name)
+        if _is_stale_staging(name, base, legacy) and os.path.isdir(folder) and not os.path.islink(folder):
+            size = _size(folder)
+            with contextlib.suppress(FileNotFoundError):  # another writer may have removed it first
+                shutil.rmtree(folder)
+                removed.append(name)
+                freed += size
+    if removed:
+        logger.info("removed %d staging folder(s) (%.1f MB) that killed writers of %s left: %s",
+                    len(removed), freed / 1e6, path, ", ".join(removed))  # fmt: skip
+    return removed
 
 
 _Writer = TypeVar("_Writer", bound="CommitOrAbort")
@@ -56,7 +117,10 @@ class CommitOrAbort:
 
 
 class AtomicLMDBWriter(CommitOrAbort):
-    """Write key/value pairs to a new LMDB at ``path``; ``subdir=False`` gives tensorpack's single file."""
+    """Write key/value pairs to a new LMDB at ``path``; ``subdir=False`` gives tensorpack's single file.
+
+    Opening one first removes the staging folders that killed writers of ``path`` left.
+    """
 
     def __init__(
         self,
@@ -66,6 +130,7 @@ class AtomicLMDBWriter(CommitOrAbort):
         batch_size: int = 256,
         initial_map_size: int = 1 << 30,
     ) -> None:
+        remove_stale_staging(path)
         if os.path.lexists(path) and not overwrite:
             raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
         self.path = path
@@ -74,7 +139,7 @@ class AtomicLMDBWriter(CommitOrAbort):
         self._pending: list[tuple[bytes, bytes]] = []
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
-        self._tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+        self._tmp_dir = _make_staging_folder(parent, os.path.basename(path), "tmp")
         self._tmp_target = self._tmp_dir if subdir else os.path.join(self._tmp_dir, os.path.basename(path))
         self._env: lmdb.Environment | None = lmdb.open(
             self._tmp_target, subdir=subdir, map_size=initial_map_size, meminit=False, readahead=False
@@ -113,7 +178,7 @@ class AtomicLMDBWriter(CommitOrAbort):
         parent = os.path.dirname(os.path.abspath(self.path))
         old_dir = None
         if any(os.path.lexists(p) for p in lmdb_paths(self.path, self.subdir)):
-            old_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", suffix=".old", dir=parent)
+            old_dir = _make_staging_folder(parent, os.path.basename(self.path), "old")
             for i, p in enumerate(lmdb_paths(self.path, self.subdir)):
                 if os.path.lexists(p):
                     os.replace(p, os.path.join(old_dir, str(i)))

@@ -1,4 +1,4 @@
-"""Pretraining corruptions (data.md §2): masked segment modelling on tokens, group masking on regions.
+"""Pretraining corruptions (docs/data.md §2): masked segment modelling on tokens, group masking on regions.
 
 Everything is vectorised numpy driven by an explicit ``numpy.random.Generator``, so a caller that
 derives one generator per sample gets reproducible, worker-independent masks.
@@ -72,29 +72,8 @@ def bert_mask_tokens(
     return _corrupt(token_ids, u < mask_prob, u / mask_prob, rng, vocab_size, mask_id)
 
 
-def _iou(rows: np.ndarray, boxes: np.ndarray, pixel: np.ndarray) -> np.ndarray:
-    """IoU [k, n] of ``rows`` [k, 4] against ``boxes`` [n, 4]; x and y handled together to keep it cheap."""
-    lo = np.maximum(rows[:, None, :2], boxes[None, :, :2])
-    hi = np.minimum(rows[:, None, 2:], boxes[None, :, 2:])
-    overlap = np.maximum(hi - lo + pixel, 0.0)
-    inter = overlap[..., 0] * overlap[..., 1]
-    row_size = rows[:, 2:] - rows[:, :2] + pixel
-    size = boxes[:, 2:] - boxes[:, :2] + pixel
-    return inter / ((row_size[:, 0] * row_size[:, 1])[:, None] + size[:, 0] * size[:, 1] - inter)
-
-
 def _pixel(image_w: float, image_h: float) -> np.ndarray:
     return np.array([1.0 / float(image_w), 1.0 / float(image_h)])
-
-
-def box_iou(boxes_norm: np.ndarray, image_w: float, image_h: float) -> np.ndarray:
-    """Pairwise IoU [n, n] of normalised boxes (x1, y1, x2, y2, ...) with the +1-pixel convention.
-
-    Widths and heights get ``+1/w`` and ``+1/h`` (one pixel, in normalised units), so a box always
-    has positive area and overlaps itself with IoU 1.
-    """
-    boxes = np.asarray(boxes_norm, dtype=np.float64)[:, :4]
-    return _iou(boxes, boxes, _pixel(image_w, image_h))
 
 
 def group_region_mask(
@@ -115,9 +94,22 @@ def group_region_mask(
     seeds = rng.random(num_real) < p
     if not seeds.any():
         return seeds
-    boxes = np.asarray(boxes_norm[:num_real], dtype=np.float64)[:, :4]
-    iou = _iou(boxes[seeds], boxes, _pixel(image_w, image_h))
-    return (iou >= iou_threshold).any(axis=0)
+    # Pairwise IoU of the seeds with every region, +1 pixel on widths and heights (so a box overlaps
+    # itself with IoU 1), the box sizes computed once.
+    boxes = np.asarray(boxes_norm[:num_real, :4], dtype=np.float64)
+    pixel = _pixel(image_w, image_h)
+    rows = boxes[seeds]
+    overlap = np.minimum(rows[:, None, 2:], boxes[None, :, 2:])
+    overlap -= np.maximum(rows[:, None, :2], boxes[None, :, :2])
+    overlap += pixel
+    np.maximum(overlap, 0.0, out=overlap)
+    inter = overlap[..., 0] * overlap[..., 1]
+    extent = boxes[:, 2:] - boxes[:, :2]
+    extent += pixel
+    area = extent[:, 0] * extent[:, 1]
+    union = area[seeds][:, None] + area
+    union -= inter
+    return (inter / union >= iou_threshold).any(axis=0)
 
 
 def independent_region_mask(
@@ -137,33 +129,3 @@ def region_labels(targets: np.ndarray, length: int | None = None) -> np.ndarray:
     labels = np.full(len(targets) if length is None else length, IGNORE_INDEX, dtype=np.int64)
     labels[: len(targets)][targets] = 1
     return labels
-
-
-def _zero_rows(features: np.ndarray, zeroed: np.ndarray) -> np.ndarray:
-    masked = np.array(features, copy=True)
-    masked[: len(zeroed)][zeroed] = 0
-    return masked
-
-
-def group_mask_regions(
-    features: np.ndarray,
-    boxes_norm: np.ndarray,
-    num_real: int,
-    rng: np.random.Generator,
-    image_w: float,
-    image_h: float,
-    p: float = 0.1,
-    iou_threshold: float = 0.4,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Group masking applied: ``(masked copy of features, labels)``; rows from ``num_real`` on
-    (padding) stay untouched with label -1."""
-    zeroed = group_region_mask(boxes_norm, num_real, rng, image_w, image_h, p, iou_threshold)
-    return _zero_rows(features, zeroed), region_labels(zeroed, len(features))
-
-
-def independent_mask_regions(
-    features: np.ndarray, num_real: int, rng: np.random.Generator, p: float = 0.15, zero_prob: float = 0.9
-) -> tuple[np.ndarray, np.ndarray]:
-    """Independent masking applied: ``(masked copy of features, labels)``; padding rows untouched."""
-    zeroed, targets = independent_region_mask(num_real, rng, p, zero_prob)
-    return _zero_rows(features, zeroed), region_labels(targets, len(features))

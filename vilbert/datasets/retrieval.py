@@ -1,4 +1,4 @@
-"""Flickr30K image-caption retrieval (data.md §3): 4-candidate ITM training and all-pairs evaluation.
+"""Flickr30K image-caption retrieval (``docs/data.md`` §3): 4-candidate ITM training and all-pairs evaluation.
 
 Training turns every caption into four (caption, image) candidates scored by the ITM head, in the
 published order: the true pair, the same image with another image's caption, another image with the
@@ -26,10 +26,19 @@ import torch
 from torch.utils.data import Dataset
 
 from vilbert.atomic import atomic_write
-from vilbert.datasets.features import MissingImageError, RegionFeatures, RegionFeatureStore
+from vilbert.datasets.features import (
+    RegionFeatures,
+    RegionFeatureStore,
+    check_images_present,
+)
 from vilbert.datasets.hard_negatives import flickr_image_id
 from vilbert.datasets.jsonl import AnnotationError, read_jsonl_records
+from vilbert.datasets.loader import trim_padding
+from vilbert.datasets.rules import DataRules, check_rules
 from vilbert.datasets.serialization import safe_pickle_loads
+from vilbert.datasets.shared_epoch import SharedEpoch
+from vilbert.datasets.validation import build_skipping_bad
+from vilbert.errors import BadInputError
 from vilbert.tokenization import BertTokenizer
 
 logger = logging.getLogger(__name__)
@@ -101,31 +110,19 @@ def load_retrieval_annotations(path: str) -> RetrievalAnnotations:
     )
 
 
-def check_images_present(
-    image_ids: Sequence[int | str], features: RegionFeatureStore, annotations_path: str
-) -> None:
-    """Fail at construction, not mid-epoch, when an annotated image has no features (one pass over the
-    LMDB's key list, not one value read per image)."""
-    available = set(features.image_ids())
-    for image_id in image_ids:
-        if str(image_id) not in available:
-            raise MissingImageError(
-                f"image {image_id} of {annotations_path} is not in the region-feature LMDB {features.path}"
-            )
-
-
 # ---------------------------------------------------------------------------------------------
 # Captions: [CLS] caption [SEP], tokenised once, optionally cached on disk
 # ---------------------------------------------------------------------------------------------
 
 
 def _caption_cache_file(
-    tokenizer: BertTokenizer, captions: Sequence[str], max_seq_length: int, cache_dir: str
+    tokenizer: BertTokenizer, captions: Sequence[str], max_seq_length: int, cache_dir: str, rules: str
 ) -> str:
     digest = hashlib.sha256()
     with open(tokenizer.vocab_file, "rb") as f:
         digest.update(f.read())
-    digest.update(f"v{_CAPTION_CACHE_VERSION} T={max_seq_length}\n".encode())
+    rule = "" if rules == "modern" else f" rules={rules}"  # modern keeps the names of earlier caches
+    digest.update(f"v{_CAPTION_CACHE_VERSION} T={max_seq_length}{rule}\n".encode())
     digest.update(json.dumps(list(captions)).encode())
     return os.path.join(cache_dir, f"captions_{digest.hexdigest()[:24]}.npz")
 
@@ -140,21 +137,26 @@ def _arrays_from_lengths(token_ids: np.ndarray, lengths: np.ndarray) -> dict[str
 
 
 def encode_captions(
-    tokenizer: BertTokenizer, captions: Sequence[str], max_seq_length: int, cache_dir: str | None = None
+    tokenizer: BertTokenizer,
+    captions: Sequence[str],
+    max_seq_length: int,
+    cache_dir: str | None = None,
+    rules: DataRules = "modern",
 ) -> dict[str, np.ndarray]:
     """``[CLS] caption [SEP]`` for every caption: ``input_ids``, ``input_mask``, ``segment_ids`` [N, T].
 
     A caption longer than ``max_seq_length - 2`` WordPieces is cut before the ``[SEP]`` is added, so
-    every row keeps both special tokens (the published loader cut after, dropping the ``[SEP]``).
+    every row keeps both special tokens; the published loader cut after, dropping the ``[SEP]``
+    (``rules="published"``, see ``datasets/rules.py``).
     With ``cache_dir``, the arrays are stored under a name that hashes the vocabulary, the length and
     the captions, so a changed tokenizer or annotation file never reads a stale cache.
     """
     if max_seq_length < 2:
-        raise ValueError(f"max_seq_length must be at least 2 ([CLS] and [SEP]), got {max_seq_length}")
+        raise BadInputError(f"max_seq_length must be at least 2 ([CLS] and [SEP]), got {max_seq_length}")
     cache_file = None
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
-        cache_file = _caption_cache_file(tokenizer, captions, max_seq_length, cache_dir)
+        cache_file = _caption_cache_file(tokenizer, captions, max_seq_length, cache_dir, check_rules(rules))
         if os.path.isfile(cache_file):
             try:
                 with np.load(cache_file, allow_pickle=False) as cached:
@@ -169,7 +171,10 @@ def encode_captions(
     token_ids = np.full((len(captions), max_seq_length), tokenizer.pad_token_id, dtype=np.int32)
     lengths = np.empty(len(captions), dtype=np.int32)
     for row, ids in enumerate(tokenizer.encode_batch(list(captions))):
-        ids = [tokenizer.cls_token_id, *ids[: max_seq_length - 2], tokenizer.sep_token_id]
+        if rules == "published":
+            ids = [tokenizer.cls_token_id, *ids, tokenizer.sep_token_id][:max_seq_length]
+        else:
+            ids = [tokenizer.cls_token_id, *ids[: max_seq_length - 2], tokenizer.sep_token_id]
         token_ids[row, : len(ids)] = ids
         lengths[row] = len(ids)
 
@@ -267,6 +272,9 @@ class RetrievalTrainDataset(Dataset):
     (the index of the true candidate); ``itm_labels`` [4] = [0, 1, 1, 1] (ITM class per candidate,
     0 = match); ``caption_index`` / ``image_index`` [4] (rows of the annotations, for inspection);
     ``image_id`` (the true image).
+
+    When the feature store skips a damaged image (``on_bad_record="skip"``), a sample that would
+    read it is replaced by the next caption's sample, so every index still yields a sample.
     """
 
     def __init__(
@@ -280,6 +288,7 @@ class RetrievalTrainDataset(Dataset):
         split: str = "train",
         seed: int = 0,
         cache_dir: str | None = None,
+        rules: DataRules = "modern",
     ) -> None:
         self.annotations = load_retrieval_annotations(annotations_jsonpath)
         if self.annotations.num_images < 2:
@@ -290,17 +299,24 @@ class RetrievalTrainDataset(Dataset):
         self.max_region_num = max_region_num
         self.split = split
         self.seed = seed
-        self.epoch = 0
-        self.captions = encode_captions(tokenizer, self.annotations.captions, max_seq_length, cache_dir)
+        self._epoch = SharedEpoch()
+        self.captions = encode_captions(
+            tokenizer, self.annotations.captions, max_seq_length, cache_dir, rules
+        )
         self.hard_pool: np.ndarray | None = None
         if split == "train" and hard_negative_path is not None:
             self.hard_pool = load_hard_negative_pool(hard_negative_path, self.annotations.image_ids)
         elif split == "train":
             logger.warning("%s: no hard-negative pool; candidate 4 uses a random image", annotations_jsonpath)
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
     def set_epoch(self, epoch: int) -> None:
-        """Change the negatives drawn for every index (call once per epoch, like a sampler's)."""
-        self.epoch = epoch
+        """Change the negatives drawn for every index (call once per epoch, like a sampler's); shared
+        with persistent DataLoader workers, which would otherwise keep drawing epoch 0's negatives."""
+        self._epoch.set(epoch)
 
     def __len__(self) -> int:
         return self.annotations.num_captions
@@ -319,6 +335,9 @@ class RetrievalTrainDataset(Dataset):
         return int(rng.integers(start[image], start[image + 1]))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return build_skipping_bad(index, len(self), self._sample, self.annotations.path)
+
+    def _sample(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng((self.seed, self.epoch, index))
         image = int(self.annotations.caption_image_index[index])
         wrong_caption = self._caption_of(rng, self._other_image(rng, image))
@@ -357,12 +376,15 @@ class RetrievalEvalDataset(Dataset):
         max_seq_length: int = 30,
         max_region_num: int = 102,
         cache_dir: str | None = None,
+        rules: DataRules = "modern",
     ) -> None:
         self.annotations = load_retrieval_annotations(annotations_jsonpath)
         check_images_present(self.annotations.image_ids, features, annotations_jsonpath)
         self.features = features
         self.max_region_num = max_region_num
-        self.captions = encode_captions(tokenizer, self.annotations.captions, max_seq_length, cache_dir)
+        self.captions = encode_captions(
+            tokenizer, self.annotations.captions, max_seq_length, cache_dir, rules
+        )
         self._images: dict[str, np.ndarray] | None = None
 
     @property
@@ -397,6 +419,16 @@ class RetrievalEvalDataset(Dataset):
         return sample
 
 
-def collate_retrieval(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack per-sample arrays along a new batch axis: [B, 4, ...] for training, [B, ...] for evaluation."""
-    return {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}
+def collate_retrieval(
+    samples: Sequence[dict[str, Any]], pad_to_multiple: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Stack per-sample arrays along a new batch axis: [B, 4, ...] for training, [B, ...] for evaluation.
+
+    With ``pad_to_multiple``, training batches are cut to their longest caption and region list
+    rounded up to that many positions (:func:`~vilbert.datasets.loader.trim_padding`); by default
+    they keep the fixed padding.
+    """
+    stacked = {key: np.stack([s[key] for s in samples]) for key in samples[0]}
+    if pad_to_multiple is not None and "image_mask" in stacked:
+        stacked = trim_padding(stacked, pad_to_multiple)
+    return {key: torch.from_numpy(value) for key, value in stacked.items()}

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import codecs
 import io
+import math
 import pickle
+import struct
 from collections.abc import Callable
 from typing import Any
 
 import msgpack
 import msgpack_numpy
 import numpy as np
+
+from vilbert.errors import BadInputError
 
 try:  # numpy >= 2 moved the implementation modules under numpy._core
     from numpy._core import multiarray as _multiarray
@@ -33,7 +37,7 @@ except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core import numeric as _numeric
 
 
-class UnsafePickleError(ValueError):
+class UnsafePickleError(BadInputError):
     """A pickle asked for a global outside the allow-list (or was not a pickle at all)."""
 
 
@@ -150,6 +154,112 @@ def safe_msgpack_loads(data: bytes, what: str) -> Any:
 def msgpack_dumps(obj: Any) -> bytes:
     """Encode as tensorpack 0.9's ``dumps_msgpack``: ``use_bin_type=True`` with numpy support."""
     return msgpack.packb(obj, use_bin_type=True, default=msgpack_numpy.encode)
+
+
+class _TransactionBytes:
+    """Bytes of a memory map exposed to numpy, holding ``owner`` (a read transaction) while in use."""
+
+    __slots__ = ("__array_interface__", "_owner")
+
+    def __init__(self, view: memoryview, owner: object) -> None:
+        address = np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
+        self.__array_interface__ = {
+            "shape": (len(view),),
+            "typestr": "|u1",
+            "data": (address, True),
+            "version": 3,
+        }
+        self._owner = owner
+
+
+def held_view(view: memoryview, owner: object) -> memoryview:
+    """A read-only view of ``view`` that keeps ``owner`` alive for as long as anything made from it.
+
+    An LMDB buffer is valid only while its transaction is open; arrays decoded from the returned
+    view (see :func:`loads_tensorpack_view`) keep the transaction, hence the mapping, alive.
+    """
+    if not len(view):
+        return memoryview(b"")
+    return memoryview(np.asarray(_TransactionBytes(view, owner)))
+
+
+class _NotPlainLayout(Exception):
+    """Internal: a value not in the published datapoint layout (the general decoder takes it)."""
+
+
+_DATAPOINT_LIST = 0x98  # fixarray of 8: features, cls_prob, boxes, num_boxes, image_h, image_w, id, caption
+_NDARRAY_MAP = 0x85  # msgpack-numpy's map: nd, type, kind, shape, data (data last)
+_DATA_KEY = b"\xc4\x04data"
+_EMPTY_BIN = b"\xc4\x00"
+_BIN_LENGTH = {0xC4: struct.Struct(">B"), 0xC5: struct.Struct(">H"), 0xC6: struct.Struct(">I")}
+_HEADER_BYTES = 256
+_NDARRAY_FIELDS = frozenset({b"nd", b"type", b"kind", b"shape", b"data"})
+_DTYPES: dict[str, np.dtype] = {}  # a msgpack-numpy map's fields before its data are far shorter
+
+
+def _ndarray_view(view: memoryview, pos: int) -> tuple[np.ndarray, int]:
+    """The msgpack-numpy array at ``pos`` as a view of ``view``, and the position after it.
+
+    The small fields before the data are decoded by msgpack itself, with the data replaced by an
+    empty bin: msgpack must read exactly that prefix as one 5-entry map, so the fields are those of
+    the real value, whose data then starts right after the bin header.
+    """
+    head = bytes(view[pos : pos + _HEADER_BYTES])
+    cut = head.find(_DATA_KEY) + len(_DATA_KEY)
+    if head[:1] != bytes([_NDARRAY_MAP]) or cut < len(_DATA_KEY) or cut >= len(head):
+        raise _NotPlainLayout("not a msgpack-numpy array")
+    length_format = _BIN_LENGTH.get(head[cut])
+    if length_format is None or cut + 1 + length_format.size > len(head):
+        raise _NotPlainLayout("array data is not a bin")
+    (length,) = length_format.unpack_from(head, cut + 1)
+    fields = msgpack.unpackb(head[:cut] + _EMPTY_BIN, raw=False, strict_map_key=False)
+    start = pos + cut + 1 + length_format.size
+    if fields.keys() != _NDARRAY_FIELDS or fields[b"nd"] is not True or fields[b"kind"] != b"":
+        raise _NotPlainLayout("not a plain msgpack-numpy array")  # e.g. structured dtypes
+    dtype = _DTYPES.get(fields[b"type"])
+    if dtype is None:
+        dtype = _DTYPES.setdefault(fields[b"type"], _array_dtype(fields[b"type"]))
+    shape = fields[b"shape"]
+    if start + length > len(view) or math.prod(shape) * dtype.itemsize != length:
+        raise _NotPlainLayout("array data does not match its shape")
+    return np.frombuffer(view[start : start + length], dtype=dtype).reshape(shape), start + length
+
+
+def _array_dtype(name: Any) -> np.dtype:
+    if not isinstance(name, str):
+        raise _NotPlainLayout("dtype is not a string")
+    return _refuse_object_dtype(np.dtype(name))
+
+
+def _datapoint_view(view: memoryview) -> list[Any]:
+    if view[0] != _DATAPOINT_LIST:
+        raise _NotPlainLayout("not an 8-element list")
+    arrays, pos = [], 1
+    for _ in range(3):
+        array, pos = _ndarray_view(view, pos)
+        arrays.append(array)
+    # The scalars may be msgpack-numpy maps too (numpy ints written by older tools).
+    rest = msgpack.unpackb(
+        b"\x95" + bytes(view[pos:]), raw=False, strict_map_key=False, object_hook=_msgpack_numpy_hook
+    )
+    return [*arrays, *rest]
+
+
+def loads_tensorpack_view(data: memoryview, what: str) -> Any:
+    """:func:`loads_tensorpack_value` for a buffer (an LMDB memory map), without copying array data.
+
+    A pretraining datapoint in the published msgpack layout (three msgpack-numpy arrays, then
+    scalars and strings) is decoded with its arrays as read-only views of ``data``, which must stay
+    valid while they are used (see :func:`held_view`). Anything else (pickles, other layouts,
+    damaged values) goes through the general decoders, which copy and name ``what`` in errors.
+    """
+    view = memoryview(data)
+    if len(view) and view[0] == _DATAPOINT_LIST:
+        try:
+            return _datapoint_view(view)
+        except (_NotPlainLayout, msgpack.UnpackException, ValueError, TypeError):
+            pass  # outside the published layout, or damaged: the general decoder decides and names it
+    return loads_tensorpack_value(bytes(view), what)
 
 
 def loads_tensorpack_value(data: bytes, what: str) -> Any:

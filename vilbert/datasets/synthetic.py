@@ -1,4 +1,4 @@
-"""A small grounded synthetic world in the real on-disk formats (data.md §5).
+"""A small grounded synthetic world in the real on-disk formats (``docs/data.md`` §5).
 
 No real data can be downloaded for tests, benchmarks or the demo, so this writes Conceptual
 Captions, Flickr30K and VCR look-alikes through the project's own writers, to be read back by the
@@ -31,6 +31,7 @@ from vilbert.datasets.features import (
 )
 from vilbert.datasets.hard_negatives import build_hard_negative_pool, flickr_image_id, write_hard_negatives
 from vilbert.datasets.jsonl import write_jsonl
+from vilbert.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
@@ -98,17 +99,17 @@ class SyntheticWorldConfig:
 
     def validate(self) -> None:
         if self.num_classes < len(OBJECT_CLASSES) + 1:
-            raise ValueError(
+            raise BadInputError(
                 f"num_classes must be >= {len(OBJECT_CLASSES) + 1} (object classes + background)"
             )
         if not 2 <= self.max_objects <= self.max_boxes:
-            raise ValueError(f"need 2 <= max_objects ({self.max_objects}) <= max_boxes ({self.max_boxes})")
+            raise BadInputError(f"need 2 <= max_objects ({self.max_objects}) <= max_boxes ({self.max_boxes})")
         if self.feature_dim < 1:
-            raise ValueError(f"feature_dim must be positive, got {self.feature_dim}")
+            raise BadInputError(f"feature_dim must be positive, got {self.feature_dim}")
         counts = {k: v for k, v in vars(self).items() if k.endswith(("_images", "_questions"))}
         for name, value in counts.items():
             if value < 2:
-                raise ValueError(f"{name} must be at least 2, got {value}")
+                raise BadInputError(f"{name} must be at least 2, got {value}")
 
 
 @dataclass
@@ -242,7 +243,9 @@ def check_vocabulary(vocab_file: str) -> None:
     words = {w for phrase in OBJECT_CLASSES + ATTRIBUTES + RELATIONS for w in phrase.split()}
     missing = sorted(words - vocab)
     if missing:
-        raise ValueError(f"{vocab_file}: synthetic-world words not in the vocabulary: {', '.join(missing)}")
+        raise BadInputError(
+            f"{vocab_file}: synthetic-world words not in the vocabulary: {', '.join(missing)}"
+        )
 
 
 @dataclass
@@ -363,7 +366,7 @@ def _write_flickr30k(world: SyntheticWorld, folder: str, overwrite: bool) -> Non
     train_ids = [flickr_image_id(a) for a in annotations["train"]]
     pool_size = min(world.config.hard_negative_pool_size, len(train_ids))
     pool = build_hard_negative_pool(RegionFeatureStore(all_path), train_ids, pool_size)
-    write_hard_negatives(os.path.join(folder, "hard_negative.pkl"), train_ids, pool)
+    write_hard_negatives(os.path.join(folder, "hard_negative.pkl"), train_ids, pool, overwrite=overwrite)
 
 
 def _other_colours(rng: np.random.Generator, colour: int, count: int = 3) -> list[str]:

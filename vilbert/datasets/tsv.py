@@ -11,7 +11,6 @@ import base64
 import binascii
 import contextlib
 import csv
-import json
 import logging
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,12 +20,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from vilbert.datasets.captions import CaptionFileError
 from vilbert.datasets.features import (
     PretrainDatapoint,
     PretrainingLMDBWriter,
     RegionFeatureWriter,
     Serializer,
 )
+from vilbert.datasets.validation import check_region_record
+from vilbert.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features"
 OPTIONAL_FIELDS = ("cls_prob",)
 
 
-class TSVFormatError(ValueError):
+class TSVFormatError(BadInputError):
     """A TSV line that is truncated or malformed; the message names file and line."""
 
 
@@ -52,21 +54,21 @@ def _float32(text: str, name: str, rows: int, cols: int | None) -> np.ndarray:
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as err:
-        raise ValueError(f"column {name} is not valid base64 ({err})") from None
+        raise BadInputError(f"column {name} is not valid base64 ({err})") from None
     if len(raw) % 4:
-        raise ValueError(f"column {name} holds {len(raw)} bytes, not float32 data")
+        raise BadInputError(f"column {name} holds {len(raw)} bytes, not float32 data")
     array = np.frombuffer(raw, dtype=np.float32)
     if cols is None and array.size % rows == 0:
         cols = array.size // rows
     if cols is None or array.size != rows * cols:
         expected = f"{rows} x {cols}" if cols is not None else f"a multiple of {rows}"
-        raise ValueError(f"column {name} holds {array.size} floats, expected {expected}")
+        raise BadInputError(f"column {name} holds {array.size} floats, expected {expected}")
     return array.reshape(rows, cols)
 
 
 def _parse_row(row: list[str], feature_dim: int) -> dict[str, Any]:
     if len(row) not in (len(TSV_FIELDS), len(TSV_FIELDS) + len(OPTIONAL_FIELDS)):
-        raise ValueError(
+        raise BadInputError(
             f"expected {len(TSV_FIELDS)} or {len(TSV_FIELDS) + 1} tab-separated columns "
             f"({', '.join(TSV_FIELDS + OPTIONAL_FIELDS)}), got {len(row)}"
         )
@@ -74,9 +76,9 @@ def _parse_row(row: list[str], feature_dim: int) -> dict[str, Any]:
     try:
         image_w, image_h, num_boxes = int(float(row[1])), int(float(row[2])), int(row[3])
     except ValueError as err:
-        raise ValueError(f"bad image_w/image_h/num_boxes: {err}") from None
+        raise BadInputError(f"bad image_w/image_h/num_boxes: {err}") from None
     if num_boxes <= 0:
-        raise ValueError(f"num_boxes must be positive, got {num_boxes}")
+        raise BadInputError(f"num_boxes must be positive, got {num_boxes}")
     record: dict[str, Any] = {
         "image_id": image_id,
         "image_w": image_w,
@@ -117,18 +119,6 @@ def read_bottom_up_tsv(path: str, feature_dim: int = 2048) -> Iterator[dict[str,
         yield record
 
 
-def read_caption_json(path: str) -> dict[str, str]:
-    """A ``{image_id: caption}`` JSON file (``caption_train.json``), keys as strings."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            captions = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON: {err}") from None
-    if not isinstance(captions, dict):
-        raise ValueError(f"{path}: expected a JSON object mapping image id to caption")
-    return {str(k): str(v) for k, v in captions.items()}
-
-
 @dataclass
 class ConversionStats:
     """What a conversion wrote, and how many images had no caption (left out of the pretraining LMDB)."""
@@ -148,15 +138,19 @@ def convert_tsv_to_lmdb(
     feature_dim: int = 2048,
     serializer: Serializer = "msgpack",
     progress: bool = False,
+    captions_source: str = "the captions",
 ) -> ConversionStats:
     """Convert TSV files into a region-feature LMDB (``output``) and/or a pretraining LMDB.
 
-    Both outputs are written in one pass and only appear once complete.
+    Both outputs are written in one pass and only appear once complete; every record is checked
+    (finite values, boxes inside the image) and named by file and line when it is not. An output
+    that would hold no image (an empty TSV, or no image with a caption in ``captions_source``) is
+    an error, and nothing is written.
     """
     if output is None and pretrain_output is None:
-        raise ValueError("nothing to write: give an output and/or a pretraining output path")
+        raise BadInputError("nothing to write: give an output and/or a pretraining output path")
     if pretrain_output is not None and captions is None:
-        raise ValueError("a pretraining LMDB needs captions (image id -> caption)")
+        raise BadInputError("a pretraining LMDB needs captions (image id -> caption)")
     stats = ConversionStats()
     with contextlib.ExitStack() as stack:
         region_writer = pretrain_writer = None
@@ -170,6 +164,7 @@ def convert_tsv_to_lmdb(
         for path in inputs:
             for lineno, record in iter_bottom_up_tsv(path, feature_dim):
                 where = f"{path}:{lineno}"
+                _check_record(record, where)
                 if region_writer is not None:
                     try:
                         region_writer.add(record)
@@ -180,9 +175,35 @@ def convert_tsv_to_lmdb(
                     _add_pretraining(pretrain_writer, record, captions or {}, where, stats)
                 stats.images += 1
                 bar.update(1)
+        _refuse_empty(stats, inputs, pretrain_output, captions_source)
     if stats.missing_captions:
         logger.warning("%d images without a caption left out of %s", stats.missing_captions, pretrain_output)
     return stats
+
+
+def _check_record(record: Mapping[str, Any], where: str) -> None:
+    check_region_record(
+        f"{where} (image {record['image_id']!r})",
+        record["features"],
+        record["boxes"],
+        record["image_w"],
+        record["image_h"],
+        record["num_boxes"],
+        record.get("cls_prob"),
+    )
+
+
+def _refuse_empty(
+    stats: ConversionStats, inputs: Sequence[str], pretrain_output: str | None, captions_source: str
+) -> None:
+    """Raise (inside the writers' block, so nothing is written) when an output would be empty."""
+    if stats.images == 0:
+        raise TSVFormatError(f"{', '.join(inputs)}: no image rows; nothing to convert")
+    if pretrain_output is not None and stats.pretrain_datapoints == 0:
+        raise CaptionFileError(
+            f"{captions_source}: none of the {stats.images} images of {', '.join(inputs)} has a caption "
+            f"there (image ids must match the TSV's first column); {pretrain_output} not written"
+        )
 
 
 def _add_pretraining(

@@ -1,4 +1,4 @@
-"""VCR multiple choice (data.md §4): Q→A (``VCR_Q-A``) and QA→R (``VCR_QA-R``), four options per sample.
+"""VCR multiple choice (docs/data.md §4): Q→A (``VCR_Q-A``) and QA→R (``VCR_QA-R``), four options per sample.
 
 Texts mix words and references to detected objects (``[0, 2]``); a reference becomes the object's
 class name, except ``person``, which becomes a gender-neutral first name drawn once per question
@@ -24,9 +24,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vilbert.datasets.features import RegionFeatures, RegionFeatureStore
+from vilbert.datasets.features import RegionFeatures, RegionFeatureStore, check_images_present
 from vilbert.datasets.jsonl import AnnotationError, read_jsonl_records
-from vilbert.datasets.retrieval import check_images_present
+from vilbert.datasets.loader import trim_padding
+from vilbert.datasets.rules import DataRules, check_rules
+from vilbert.datasets.validation import build_skipping_bad
+from vilbert.errors import BadInputError
 from vilbert.tokenization import BertTokenizer
 
 logger = logging.getLogger(__name__)
@@ -43,7 +46,7 @@ def vcr_image_id(img_id: str) -> int:
     """``train-N`` → N, ``val-N`` → N + 1,000,000, ``test-N`` → N + 2,000,000 (the feature LMDB keys)."""
     split, _, number = str(img_id).partition("-")
     if split not in _SPLIT_ID_OFFSET or not number.isdigit():
-        raise ValueError(f"VCR image id {img_id!r} is not of the form train-N, val-N or test-N")
+        raise BadInputError(f"VCR image id {img_id!r} is not of the form train-N, val-N or test-N")
     return int(number) + _SPLIT_ID_OFFSET[split]
 
 
@@ -54,10 +57,10 @@ def load_unisex_names(csv_path: str) -> list[str]:
     with open(csv_path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "name" not in reader.fieldnames:
-            raise ValueError(f"{csv_path}: no 'name' column in the header {reader.fieldnames}")
+            raise BadInputError(f"{csv_path}: no 'name' column in the header {reader.fieldnames}")
         names = [row["name"].strip() for row in reader if row.get("name") and row["name"].strip()]
     if not names:
-        raise ValueError(f"{csv_path}: no names")
+        raise BadInputError(f"{csv_path}: no names")
     return names
 
 
@@ -180,7 +183,7 @@ def merge_regions(
     """
     width = detected.features.shape[1]
     if ground_truth.features.shape[1] != width:
-        raise ValueError(
+        raise BadInputError(
             f"feature widths differ: detected {width}, ground truth {ground_truth.features.shape[1]}"
         )
     gt_kept = min(max_region_num - 1, ground_truth.num_boxes - 1)
@@ -210,6 +213,10 @@ class VCRDataset(Dataset):
     ``target`` int64 (correct option, -1 on the test split); ``annot_id`` str; ``question_index``
     int64 (row of the annotation file); ``answer_index`` int64 (QA→R: the answer conditioning the
     rationales; -1 for Q→A); ``image_id`` int64 (mapped as in :func:`vcr_image_id`).
+
+    When a feature store skips a damaged image (``on_bad_record="skip"``), a labelled sample that
+    would read it is replaced by the next one; on the test split every question must be scored, so
+    the skipped record stays an error there.
     """
 
     def __init__(
@@ -224,18 +231,20 @@ class VCRDataset(Dataset):
         max_region_num: int = 100,
         split: str = "train",
         seed: int = 0,
+        rules: DataRules = "modern",
     ) -> None:
         if task not in VCR_TASKS:
-            raise ValueError(f"unknown VCR task {task!r}; expected one of {VCR_TASKS}")
+            raise BadInputError(f"unknown VCR task {task!r}; expected one of {VCR_TASKS}")
         if max_seq_length < 4:
-            raise ValueError(
+            raise BadInputError(
                 f"max_seq_length must leave room for [CLS], 2 × [SEP] and text: {max_seq_length}"
             )
         if max_region_num < 2:
-            raise ValueError(f"max_region_num must hold the global region and a box: {max_region_num}")
+            raise BadInputError(f"max_region_num must hold the global region and a box: {max_region_num}")
         self.task = task
         self.split = split
         self.labelled = split != "test"
+        self.annotations_path = annotations_jsonpath
         self.examples = load_vcr_annotations(annotations_jsonpath, task, self.labelled)
         image_ids = sorted({example.image_id for example in self.examples})
         check_images_present(image_ids, features_det, annotations_jsonpath)
@@ -247,6 +256,7 @@ class VCRDataset(Dataset):
         self.max_seq_length = max_seq_length
         self.max_region_num = max_region_num
         self.seed = seed
+        self.rules = check_rules(rules)
         self._word_ids: dict[str, list[int]] = {}
 
         num_questions = len(self.examples)
@@ -275,7 +285,9 @@ class VCRDataset(Dataset):
         names = list(objects)
         if persons:
             rng = np.random.default_rng((self.seed, question_index))
-            drawn = rng.choice(len(self.names), size=len(persons), replace=len(persons) > len(self.names))
+            # Published: each person's name drawn on its own (names may repeat); else distinct.
+            repeat = self.rules == "published" or len(persons) > len(self.names)
+            drawn = rng.choice(len(self.names), size=len(persons), replace=repeat)
             for person, name in zip(persons, drawn):
                 names[person] = self.names[name]
         return names
@@ -297,13 +309,19 @@ class VCRDataset(Dataset):
                     ids.extend(self._word(names[ref]))
         return ids
 
-    def _pair(self, text_a: list[int], text_b: list[int]) -> tuple[list[int], list[int]]:
+    def _pair(self, text_a: list[int], text_b: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """``[CLS] a [SEP] b [SEP]`` truncated to fit: ids, segment ids, and the truncated ``a``."""
         text_a, text_b = truncate_pair(text_a, text_b, self.max_seq_length - 3)
         tok = self.tokenizer
         ids = [tok.cls_token_id, *text_a, tok.sep_token_id, *text_b, tok.sep_token_id]
-        return ids, [0] * (len(text_a) + 2) + [1] * (len(text_b) + 1)
+        return ids, [0] * (len(text_a) + 2) + [1] * (len(text_b) + 1), text_a
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if not self.labelled:
+            return self._sample(index)
+        return build_skipping_bad(index, len(self), self._sample, self.annotations_path)
+
+    def _sample(self, index: int) -> dict[str, Any]:
         question_index = int(self._item_question[index])
         answer_index = int(self._item_answer[index])
         example = self.examples[question_index]
@@ -325,7 +343,9 @@ class VCRDataset(Dataset):
         segment_ids = np.zeros((NUM_OPTIONS, self.max_seq_length), dtype=np.int64)
         input_mask = np.zeros((NUM_OPTIONS, self.max_seq_length), dtype=np.int64)
         for row, option in enumerate(options):
-            ids, segments = self._pair(text_a, self._encode(option, names))
+            ids, segments, truncated_a = self._pair(text_a, self._encode(option, names))
+            if self.rules == "published":  # the shared question stays truncated for later options
+                text_a = truncated_a
             input_ids[row, : len(ids)] = ids
             segment_ids[row, : len(ids)] = segments
             input_mask[row, : len(ids)] = 1
@@ -348,12 +368,20 @@ class VCRDataset(Dataset):
         return sample
 
 
-def collate_vcr(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack arrays along a new batch axis ([B, 4, T], [B, R, D], ...); ``annot_id`` stays a list of str."""
+def collate_vcr(samples: Sequence[dict[str, Any]], pad_to_multiple: int | None = None) -> dict[str, Any]:
+    """Stack arrays along a new batch axis ([B, 4, T], [B, R, D], ...); ``annot_id`` stays a list of str.
+
+    With ``pad_to_multiple``, the batch is cut to its longest option and region list rounded up to
+    that many positions (:func:`~vilbert.datasets.loader.trim_padding`); by default it keeps the
+    fixed padding.
+    """
     batch: dict[str, Any] = {}
     for key, value in samples[0].items():
-        if isinstance(value, str):
-            batch[key] = [s[key] for s in samples]
-        else:
-            batch[key] = torch.from_numpy(np.stack([s[key] for s in samples]))
-    return batch
+        batch[key] = (
+            [s[key] for s in samples] if isinstance(value, str) else np.stack([s[key] for s in samples])
+        )
+    if pad_to_multiple is not None:
+        batch = trim_padding(batch, pad_to_multiple)
+    return {
+        key: value if isinstance(value, list) else torch.from_numpy(value) for key, value in batch.items()
+    }
