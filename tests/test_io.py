@@ -189,3 +189,26 @@ def test_lmdb_staging_of_a_killed_writer_is_removed_when_the_next_writer_opens(t
         for writer in writers:
             writer.kill()
             writer.wait()
+
+
+def test_a_full_disk_while_saving_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    """torch's zip writer reports ENOSPC as a RuntimeError; the scripts must print one line, not a
+    C++ traceback, and the previous checkpoint must survive."""
+    path = tmp_path / "training_state.pt"
+    atomic_torch_save({"w": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def disk_full(obj, handle):
+        handle.write(b"PK\x03\x04 partial")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:626] . "
+            "PytorchStreamWriter failed writing file data/0: file write failed"
+        )
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(
+        OSError, match=r"training_state.pt: could not be written .*the previous file is intact"
+    ):
+        atomic_torch_save({"w": torch.zeros(3)}, path)
+    assert path.read_bytes() == before
+    assert _only(tmp_path) == ["training_state.pt"]

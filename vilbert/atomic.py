@@ -126,6 +126,9 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
     return removed
 
 
+WRITE_FAILURES = ("PytorchStreamWriter failed", "No space left", "Input/output error", "file write failed")
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save that never leaves a truncated checkpoint behind (e.g. when a run is killed).
 
@@ -135,8 +138,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     try:
         atomic_write(path, lambda handle: torch.save(obj, handle))
-    except RuntimeError as error:  # torch's writer reports a full disk or an I/O error this way
+    except RuntimeError as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if not any(sign in message for sign in WRITE_FAILURES):
+            raise  # e.g. an object that cannot be pickled: a bug, with its traceback
+        # torch's zip writer reports a full disk or an I/O error as a RuntimeError.
         raise OSError(f"{path}: could not be written ({message}); the previous file is intact") from error
 
 
