@@ -22,6 +22,9 @@ above what was resident before it: ``torch.cuda.max_memory_allocated`` on CUDA; 
 peak RSS (``VmHWM``, the counter behind ``ru_maxrss``, reset through ``/proc/self/clear_refs``) after
 ``malloc_trim``, so freed pages kept by the allocator are not counted as free.
 
+``--compare compile`` times the eager fast path ("plain") against what ``--compile`` trains
+("fast": ``torch.compile``, the heads on every position so that the graph has static shapes).
+
 ``--compare recipes`` times the two training recipes instead, both on the fast path: ``--recipe
 modern`` (fused AdamW, one global clip; the baseline, printed as "plain") against ``--recipe
 published`` (the vectorised BertAdam with per-parameter clipping and its own schedule, "fast").
@@ -419,10 +422,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--compare",
-        choices=("paths", "recipes"),
+        choices=("paths", "recipes", "compile"),
         default="paths",
         help="paths: the plain path vs every fast path (AdamW both); recipes: --recipe modern (the "
-        "baseline, 'plain') vs --recipe published ('fast'), both on the fast path",
+        "baseline, 'plain') vs --recipe published ('fast'), both on the fast path; compile: the eager "
+        "fast path vs the trainer's --compile set-up (torch.compile, heads on every position)",
     )
     parser.add_argument("--profile", action="store_true", help="print the top operators of one step per side")
     parser.add_argument(
@@ -472,10 +476,17 @@ def main(argv: list[str] | None = None) -> None:
         precision = Precision(args.precision, device)
         plain = make_side("plain", plain_model, True, precision, dynamic, None, recipe="modern")
         fast = make_side("fast", fast_model, True, precision, dynamic, None, recipe="published")
+    elif args.compare == "compile":  # eager fast path vs the trainer's --compile set-up
+        precision = Precision(args.precision, device)
+        plain = make_side("plain", plain_model, True, precision, dynamic, fused_adamw)
+        fast = make_side("fast", fast_model, True, precision, dynamic, fused_adamw)
+        fast.model.gather_heads = False  # as the trainer does under --compile: static shapes
+        fast.model = torch.compile(fast.model)
+        fast.description = fast.description.replace("gathered heads", "full heads") + ", torch.compile"
     else:
         plain = make_side("plain", plain_model, False, Precision("fp32", device), full, fused_adamw=False)
         fast = make_side("fast", fast_model, True, Precision(args.precision, device), dynamic, fused_adamw)
-    if args.compile:
+    if args.compile and args.compare != "compile":
         fast.model = torch.compile(fast.model)
         fast.description += ", torch.compile"
     fast.description += f", padding to multiples of {args.pad_to_multiple}"

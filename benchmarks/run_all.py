@@ -75,6 +75,15 @@ BENCHMARKS = (
         cuda_args=("--batch_size", "64", "--precision", "bf16"),
     ),
     Benchmark(
+        "pretraining step, tiny config, eager vs --compile",
+        "benchmarks/bench_train_step.py",
+        (*TINY, "--compare", "compile", "--steps", "20", "--warmup", "6"),
+        (*TINY, "--compare", "compile", "--steps", "5", "--warmup", "4"),
+        "plain:",
+        "fast:",
+        cuda_args=("--precision", "bf16"),
+    ),
+    Benchmark(
         "pretraining step, tiny config",
         "benchmarks/bench_train_step.py",
         (*TINY, "--steps", "20", "--warmup", "3"),
