@@ -38,7 +38,7 @@ from vilbert.distributed import (
 from vilbert.errors import BadInputError
 from vilbert.tasks import TaskConfig
 from vilbert.tokenization import BertTokenizer
-from vilbert.training_args import str_to_bool
+from vilbert.training_args import positive_int, str_to_bool
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +55,6 @@ class EvaluationError(BadInputError):
 # ---------------------------------------------------------------------------------------------
 
 
-def positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
 def base_parser(
     prog: str, description: str, tasks: str, batch_size: int | None, batch_help: str
 ) -> argparse.ArgumentParser:
@@ -74,7 +67,7 @@ def base_parser(
         "--tasks", "--task", dest="tasks", default=tasks, help="task numbers of the YAML, e.g. 3 or 1-2"
     )
     p.add_argument("--split", default="", help="split to evaluate (default: each task's val_split)")
-    p.add_argument("--batch_size", type=positive, default=batch_size, help=batch_help)
+    p.add_argument("--batch_size", type=positive_int, default=batch_size, help=batch_help)
     p.add_argument("--output_dir", default="results", help="results go to OUTPUT_DIR/RUN")
     p.add_argument("--save_name", default="", help="RUN (default: named after the checkpoint)")
     p.add_argument("--num_workers", type=int, default=4, help="data-loading processes")

@@ -23,7 +23,6 @@ from tqdm import tqdm
 from vilbert.atomic import atomic_write_json
 from vilbert.cli import run_script
 from vilbert.distributed import DistContext
-from vilbert.evaluation import positive
 from vilbert.inference import (
     CaptionRanking,
     ImageRanking,
@@ -35,6 +34,7 @@ from vilbert.inference import (
     load_model,
     open_features,
 )
+from vilbert.training_args import positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--features", required=True, help="region-feature LMDB of the images")
     p.add_argument(
-        "--max_seq_length", type=positive, default=30, help="tokens per caption, [CLS] and [SEP] in"
+        "--max_seq_length", type=positive_int, default=30, help="tokens per caption, [CLS] and [SEP] in"
     )
-    p.add_argument("--max_region_num", type=positive, default=102, help="regions per image, global one in")
+    p.add_argument(
+        "--max_region_num", type=positive_int, default=102, help="regions per image, global one in"
+    )
     p.add_argument("--no_cuda", action="store_true", help="run on the CPU even when a GPU is present")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(local_rank=-1)
@@ -77,9 +79,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--caption", action="append", default=[], help="a caption to rank images for (repeatable)")
     p.add_argument("--captions_file", help="captions, one per line (blank lines skipped)")
     p.add_argument("--image_ids", nargs="+", help="the images to rank (default: every image of --features)")
-    p.add_argument("--top_k", type=positive, default=5, help="best images per caption / captions per image")
+    p.add_argument(
+        "--top_k", type=positive_int, default=5, help="best images per caption / captions per image"
+    )
     p.add_argument("--output", help="write the rankings as JSON here")
-    p.add_argument("--pairs_per_forward", type=positive, help="(caption, image) pairs per forward")
+    p.add_argument("--pairs_per_forward", type=positive_int, help="(caption, image) pairs per forward")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="autocast float16 (GPU)")
     precision.add_argument("--bf16", action="store_true", help="autocast bfloat16")

@@ -34,7 +34,6 @@ from vilbert.evaluation import (
     config_and_tokenizer,
     load_model,
     make_run_folder,
-    positive,
     progress,
     resolve_task_config,
     split_annotations,
@@ -44,6 +43,7 @@ from vilbert.modeling import InterBertForMultiModalPreTraining, InterBertForVLTa
 from vilbert.precision import Precision
 from vilbert.retrieval_scorer import TOP_K, RetrievalScorer, block_size, default_memory_budget
 from vilbert.tasks import FeatureStores, TaskConfig, load_task_configs, select_tasks
+from vilbert.training_args import positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +83,11 @@ def retrieval_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero_shot", action="store_true", help="score with the pretraining model's ITM head")
     new = add_new_flags(p, f"{EVAL_YAML}, else {TASKS_YAML}")
     new.add_argument(
-        "--max_captions", type=positive, help="evaluate the first N captions (against all images)"
+        "--max_captions", type=positive_int, help="evaluate the first N captions (against all images)"
     )
     new.add_argument(
         "--pairs_per_forward",
-        type=positive,
+        type=positive_int,
         help="(caption, image) pairs per forward (default: what fits 2 GiB on CPU, 1/4 of a GPU)",
     )
     return p
