@@ -102,6 +102,7 @@ class BertAdam(Optimizer):
             "max_grad_norm": max_grad_norm,
         }
         super().__init__(params, defaults)
+        self._scratch: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def scheduled_lr(self) -> float:
         """The learning rate the next update of the first trained parameter will use (for logging)."""
@@ -114,10 +115,9 @@ class BertAdam(Optimizer):
 
     def _scratch_of(self, parameter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two work buffers shaped like ``parameter``, made once (not part of the saved state)."""
-        scratch = self.__dict__.setdefault("_scratch", {})
-        pair = scratch.get(parameter)
+        pair = self._scratch.get(parameter)
         if pair is None:
-            pair = scratch[parameter] = (torch.empty_like(parameter), torch.empty_like(parameter))
+            pair = self._scratch[parameter] = (torch.empty_like(parameter), torch.empty_like(parameter))
         return pair
 
     def start_at(self, step: int) -> None:

@@ -248,21 +248,17 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(status)
 
 
-def optimizer_steps(args: argparse.Namespace, data: PretrainData, micro_batch: int) -> tuple[int, int]:
-    """(t_total, steps already done) as the recipe counts them.
-
-    published: ``samples per rank // train_batch_size x (epochs - start_epoch)``, or the whole run
-    with ``--continue_training`` (whose first ``start_epoch`` epochs count as done); modern: the
-    steps the loop takes (a last partial batch makes one more).
+def optimizer_steps(args: argparse.Namespace, data: PretrainData) -> tuple[int, int]:
+    """(t_total, steps already done): steps per epoch x epochs, the first ``start_epoch`` epochs done
+    with ``--continue_training``. Steps per epoch as the recipe counts them: published, samples per
+    rank // ``--train_batch_size``; modern, the steps the loop takes (a last partial batch is one more).
     """
-    epochs, start = int(args.num_train_epochs), int(args.start_epoch) if args.continue_training else 0
+    start = int(args.start_epoch) if args.continue_training else 0
     if args.recipe == "published":
         per_epoch = len(data.train_loader.batch_sampler.sampler) // args.train_batch_size
-        if args.continue_training:
-            return per_epoch * epochs, per_epoch * start
-        return per_epoch * (epochs - start), 0
-    per_epoch = num_optimization_steps(len(data.train_loader), 1, args.gradient_accumulation_steps)
-    return per_epoch * epochs, per_epoch * start
+    else:
+        per_epoch = num_optimization_steps(len(data.train_loader), 1, args.gradient_accumulation_steps)
+    return per_epoch * int(args.num_train_epochs), per_epoch * start
 
 
 def make_plan(args: argparse.Namespace, t_total: int) -> Callable[[torch.nn.Module], OptimizerPlan]:
@@ -329,7 +325,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
     )
     if not (args.distributed and ctx.world_size > 1):  # the check reads the whole-set files, not parts
         require_pretraining_data(shape, config, args.config_file, args.gradient_accumulation_steps)
-    t_total, done = optimizer_steps(args, data, micro_batch)
+    t_total, done = optimizer_steps(args, data)
     trainer = Trainer(args, ctx, config, folder, build_model(args, config), make_plan(args, t_total))
     fresh = TrainingState(epoch=int(args.start_epoch) if args.continue_training else 0)
     if resume is None and args.continue_training:

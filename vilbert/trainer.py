@@ -46,7 +46,7 @@ def check_text_fits(
     config: BertConfig, config_file: str, vocab_size: int, vocab: str, lengths: dict[str, int]
 ) -> None:
     """The model's embeddings must hold the tokenizer's vocabulary and every sequence length the run
-    will feed (``lengths``: where each comes from → its value), before any data is read."""
+    will feed (``lengths``: where each comes from → its value), checked before the model is built."""
     if vocab_size > config.vocab_size:
         raise BadInputError(
             f"{vocab}: vocabulary of {vocab_size} tokens exceeds vocab_size {config.vocab_size} "
