@@ -7,6 +7,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
@@ -38,6 +39,29 @@ def task_world(root: str, seed: int, flickr: tuple[int, int, int], vcr: tuple[in
         vcr_test_questions=vcr[2],
     )
     return generate_synthetic_world(root, config).tasks_yaml
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests: the tiny models' ops are too small to share, and on a
+    busy machine the threads mostly wait for each other (subprocesses get OMP_NUM_THREADS=1 too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class IdTokenizer:
+    """The tokenizer interface of the sample builder over captions written as WordPiece ids: no
+    vocabulary file; the special ids are bert-base-uncased's."""
+
+    cls_token_id, sep_token_id, mask_token_id = 101, 102, 103
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def encode(self, caption: str) -> list[int]:
+        return [int(word) for word in caption.split()]
 
 
 @pytest.fixture

@@ -34,12 +34,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SETTINGS = RankSettings(max_seq_length=30, max_region_num=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,14 +38,7 @@ RATIONALES = [3, 2, 1, 0]
 VAL_QUESTIONS, TEST_QUESTIONS = 16, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to share between threads (on a busy machine the threads
-    mostly wait for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _record(annot_id: str, labelled: bool = True, index: int = 0) -> dict:

@@ -38,14 +38,7 @@ FLICKR_RUN = "RetrievalFlickr30k_interbert_tiny"
 FLICKR_BATCHES, VCR_BATCHES = 5, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to share: on a busy machine, intra-op threads only wait for
-    each other (ten times slower on two shared cores). Subprocesses get OMP_NUM_THREADS=1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _environment() -> dict[str, str]:

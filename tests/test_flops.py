@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tests.conftest import IdTokenizer
 from vilbert.config import BertConfig
 from vilbert.datasets.concept_cap import PretrainingSampleBuilder, collate_pretraining, sample_rng
 from vilbert.datasets.features import PretrainDatapoint
@@ -69,13 +70,9 @@ def _batch(config: BertConfig, size: int = 6, seed: int = 0) -> dict[str, torch.
             )
         )
 
-    class Tokenizer:
-        vocab_size, cls_token_id, sep_token_id, mask_token_id = config.vocab_size, 101, 102, 103
-
-        def encode(self, caption: str) -> list[int]:
-            return [int(word) for word in caption.split()]
-
-    builder = PretrainingSampleBuilder(Tokenizer(), {p.image_id: p.caption for p in points}, itm_prob=0.3)
+    builder = PretrainingSampleBuilder(
+        IdTokenizer(config.vocab_size), {p.image_id: p.caption for p in points}, itm_prob=0.3
+    )
     samples = [builder.build(p, sample_rng(seed, 0, 0, i)) for i, p in enumerate(points)]
     return collate_pretraining(samples)
 

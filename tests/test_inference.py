@@ -29,13 +29,7 @@ PROG = "python -m vilbert.rank"
 MAX_REGION_NUM = 12  # the small world's Flickr30K task
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to share between threads; subprocesses get one too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from tests.conftest import IdTokenizer
 from vilbert.datasets.concept_cap import ConceptCapDataset
 from vilbert.datasets.features import PretrainDatapoint, PretrainingLMDB, write_pretraining_lmdb
 from vilbert.datasets.serialization import loads_tensorpack_view, msgpack_dumps, safe_msgpack_loads
@@ -236,13 +237,9 @@ def _tiny_samples(config, count: int, seed: int) -> list[dict]:
             )
         )
 
-    class Tokenizer:
-        vocab_size, cls_token_id, sep_token_id, mask_token_id = config.vocab_size, 101, 102, 103
-
-        def encode(self, caption: str) -> list[int]:
-            return [int(word) for word in caption.split()]
-
-    builder = PretrainingSampleBuilder(Tokenizer(), {p.image_id: p.caption for p in points}, region_len=18)
+    builder = PretrainingSampleBuilder(
+        IdTokenizer(config.vocab_size), {p.image_id: p.caption for p in points}, region_len=18
+    )
     return [builder.build(p, sample_rng(seed, 0, 0, i)) for i, p in enumerate(points)]
 
 
