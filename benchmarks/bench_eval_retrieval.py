@@ -33,7 +33,7 @@ import torch
 from vilbert.config import BertConfig
 from vilbert.modeling import InterBertForVLTasks
 from vilbert.precision import Precision
-from vilbert.retrieval_scorer import RetrievalScorer, block_size, default_memory_budget
+from vilbert.retrieval_scorer import PairStream, RetrievalScorer, block_size, default_memory_budget
 
 PUBLISHED_BLOCK = 500
 # Random weights drawn wider than BERT's 0.02 (0.2 at width 64, scaled by 1/sqrt(width)), so that
@@ -125,6 +125,19 @@ def ours(
     precision: str = "fp32",
 ) -> np.ndarray:
     """The engine of eval_retrieval.py, images embedded once (part of the timed work)."""
+    scorer, stream = engine_stream(model, captions, images, device, pairs, precision)
+    return scorer.score(stream)
+
+
+def engine_stream(
+    model: InterBertForVLTasks,
+    captions: dict,
+    images: dict,
+    device: torch.device,
+    pairs: int | None,
+    precision: str,
+) -> tuple[RetrievalScorer, PairStream]:
+    """The scorer and the sorted pair stream of eval_retrieval.py for these captions and images."""
     model.set_attention_impl(True)
     config = model.config
     num_captions, num_images = captions["input_ids"].shape[0], images["image_feat"].shape[0]
@@ -134,7 +147,7 @@ def ours(
     scorer = RetrievalScorer(model, Precision(precision, device), pairs)
     chunks = ({k: v[s : s + 32] for k, v in images.items()} for s in range(0, num_images, 32))
     bank = scorer.embed_images(chunks, num_images)
-    return scorer.score(scorer.stream(captions, bank))
+    return scorer, scorer.stream(captions, bank)
 
 
 def timed(run: Callable[[], np.ndarray], device: torch.device) -> tuple[np.ndarray, float]:
@@ -187,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(report(f"ours (eval_retrieval.py engine, {args.precision})", our_time))
+    _, stream = engine_stream(model, captions, images, device, args.pairs_per_forward, args.precision)
+    print(f"ours: {stream.padding()}, {stream.pairs_per_forward} pairs per forward")
     difference = float(np.abs(our_scores - baseline_scores).max())
     spread = float(our_scores.std())
     limit = TOLERANCE[device.type] if args.precision == "fp32" else MIXED_TOLERANCE[args.precision]

@@ -67,7 +67,7 @@ def _run(schedule: str) -> float:
         optimizer.step()
         _reference_step(slow, settings, states, 40, 0.2, schedule)
     assert all(optimizer.state[p]["step"] == states[id(q)]["step"] for p, q in zip(fast, slow))
-    return max(float((a - b).abs().max()) for a, b in zip(fast, slow))
+    return max(float((a - b).detach().abs().max()) for a, b in zip(fast, slow))
 
 
 def test_foreach_bert_adam_equals_the_per_parameter_loop():
@@ -95,3 +95,45 @@ def test_first_update_has_factor_zero_and_a_late_parameter_starts_its_own_count(
     optimizer.step()
     assert optimizer.state[early]["step"] == 2 and optimizer.state[late]["step"] == 1
     assert torch.equal(late.detach(), torch.ones(2)) and not torch.equal(early.detach(), torch.ones(2))
+
+
+def _pair_of_optimisers(weight_decay: float) -> tuple[list, list, BertAdam, BertAdam]:
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    first = [nn.Parameter(torch.randn(shape)) for shape in shapes]
+    second = [nn.Parameter(p.detach().clone()) for p in first]
+    options = dict(lr=0.05, warmup=0.1, t_total=20, weight_decay=weight_decay)
+    return first, second, BertAdam(first, **options), BertAdam(second, **options)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_a_device_verdict_of_zero_changes_no_bit_and_of_one_changes_nothing(weight_decay: float) -> None:
+    """``found_inf`` 0.0: bitwise the ungated step; 1.0 (with NaN gradients): weights and moments as
+    they were, and the update counters still move (they live on the host)."""
+    plain, gated, plain_opt, gated_opt = _pair_of_optimisers(weight_decay)
+    for step in range(6):
+        torch.manual_seed(step)
+        grads = [torch.randn_like(p) * 3 for p in plain]
+        for parameter, grad in zip(plain, grads):
+            parameter.grad = grad.clone()
+        for parameter, grad in zip(gated, grads):
+            parameter.grad = grad.clone()
+        plain_opt.step()
+        gated_opt.found_inf = torch.tensor(0.0)
+        gated_opt.step()
+        for a, b in zip(plain, gated):
+            assert torch.equal(a, b)
+            assert torch.equal(plain_opt.state[a]["exp_avg_sq"], gated_opt.state[b]["exp_avg_sq"])
+
+    before = [p.detach().clone() for p in gated]
+    moments = [(gated_opt.state[p]["exp_avg"].clone(), gated_opt.state[p]["exp_avg_sq"].clone())
+               for p in gated]  # fmt: skip
+    for parameter in gated:
+        parameter.grad = torch.full_like(parameter, float("nan"))
+    gated_opt.found_inf = torch.tensor(1.0)
+    gated_opt.step()
+    for parameter, weight, (m, v) in zip(gated, before, moments):
+        assert torch.equal(parameter, weight)
+        assert torch.equal(gated_opt.state[parameter]["exp_avg"], m)
+        assert torch.equal(gated_opt.state[parameter]["exp_avg_sq"], v)
+        assert gated_opt.state[parameter]["step"] == 7

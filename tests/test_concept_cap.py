@@ -139,7 +139,14 @@ def test_batch_keys_shapes_dtypes_and_padding(data_dir: Path, tokenizer: BertTok
         "multimodal_mask": ((6, regions + text_len), (6, 31 + 10), torch.int64),
         "image_id": ((6,), (6,), torch.int64),
     }
-    assert set(dynamic) == set(expected) == set(fixed)
+    assert set(dynamic) == set(expected) | {"msm_positions", "mrm_positions"} == set(fixed)
+    for batch in (dynamic, fixed):  # the flat indices of what the labels select, found on the host
+        labels = batch["lm_label_ids"]
+        counted = (batch["image_label"] == 1) & (batch["is_next"] == 0)[:, None]
+        assert batch["msm_positions"].dtype == batch["mrm_positions"].dtype == torch.int64
+        assert torch.equal(batch["msm_positions"], torch.nonzero((labels != -1).flatten()).flatten())
+        assert torch.equal(batch["mrm_positions"], torch.nonzero(counted.flatten()).flatten())
+        assert len(batch["msm_positions"]) > 0 and len(batch["mrm_positions"]) > 0
     for name, (dynamic_shape, fixed_shape, dtype) in expected.items():
         assert tuple(dynamic[name].shape) == dynamic_shape and dynamic[name].dtype == dtype, name
         assert tuple(fixed[name].shape) == fixed_shape and fixed[name].dtype == dtype, name

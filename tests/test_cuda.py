@@ -5,7 +5,9 @@
    against fp32, with padding masks; default dispatch picks a fused kernel, not the math fallback.
 3. Every fast path (SDPA, gathered heads, dynamic padding, fused AdamW) on CUDA gives the plain fp32
    losses, gradients and weights of the CPU; the retrieval scorer on CUDA gives the model's CPU scores.
-4. The command lines on CUDA: ``train_concap.py`` with ``--bf16`` and with ``--fp16``,
+4. The published pretraining step and fine-tuning iteration run under
+   ``torch.cuda.set_sync_debug_mode("error")``: no host round trip inside a step (``test_sync_free``).
+5. The command lines on CUDA: ``train_concap.py`` with ``--bf16`` and with ``--fp16``,
    ``eval_retrieval.py --zero_shot`` on the checkpoint, ``train_tasks.py`` with ``--fp16``.
 
 Helpers and fixtures come from the CPU test modules, so both sides check the same things.
@@ -30,6 +32,7 @@ from tests import test_eval_retrieval as eval_tests
 from tests import test_fast_paths as fast_paths
 from tests import test_golden as golden_tests
 from tests import test_modeling as modeling_tests
+from tests import test_sync_free as sync_free
 from tests.test_fast_paths import FAST, PLAIN, assert_all_close, collate, configured, losses_and_gradients
 from vilbert.checkpoint import read_state_dict
 from vilbert.config import BertConfig
@@ -204,8 +207,31 @@ def test_fused_adamw_steps_on_cuda_give_the_cpu_weights(samples):
             batch = to_device(collate(batch_samples, path), next(model.parameters()).device)
             loss, _ = pretraining_losses(model, batch, fast_paths.LOSS_ARGS)
             step.backward(loss)
-            assert step.step()
+            assert not step.step()  # 0.0: not skipped
     assert_all_close(_cpu(dict(fast.named_parameters())), dict(plain.named_parameters()))
+
+
+class _SyncsAreErrors:
+    """CUDA's own check: any synchronising call in the block raises."""
+
+    def __enter__(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc: object) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_published_steps_on_cuda_never_wait_for_the_host(samples):
+    """The steps of ``test_sync_free`` on the GPU, with every synchronising CUDA call an error; the
+    host then learns from the guard (outside the steps) that nothing was skipped."""
+    for step in (
+        sync_free.pretraining_steps(samples, DEVICE, _SyncsAreErrors()),
+        sync_free.finetuning_steps(DEVICE, _SyncsAreErrors()),
+    ):
+        step.settle()
+        assert step.guard.skipped_steps == 0
+        assert all(torch.isfinite(p).all() for p in step.model.parameters())
 
 
 @pytest.mark.parametrize("model_class", [InterBertForVLTasks, InterBertForMultiModalPreTraining])

@@ -134,3 +134,21 @@ def test_mismatched_state_is_a_clear_error():
         ExponentialMovingAverage(TinyModel(), DECAY).load_state_dict(state)
     with pytest.raises(ValueError, match="decay"):
         ExponentialMovingAverage(TinyModel(), 1.5)
+
+
+def test_a_skipped_step_leaves_the_average_and_a_kept_one_is_bitwise_the_published_formula():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    plain, gated = ExponentialMovingAverage(model, decay=0.9), ExponentialMovingAverage(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.add_(torch.randn_like(model.weight))
+    expected = [e - (1 - 0.9) * (e - v) for e, v in zip(plain.shadow.values(), model.state_dict().values())]
+    plain.update(model)
+    gated.update(model, skip=torch.tensor(0.0))
+    assert all(torch.equal(a, b) for a, b in zip(plain.shadow.values(), gated.shadow.values()))
+    assert all(torch.equal(a, b) for a, b in zip(expected, gated.shadow.values()))
+    before = [t.clone() for t in gated.shadow.values()]
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    gated.update(model, skip=torch.tensor(1.0))
+    assert all(torch.equal(a, b) for a, b in zip(before, gated.shadow.values()))

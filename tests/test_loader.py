@@ -97,6 +97,10 @@ def batches_of(dataset: ConceptCapDataset, golden, dynamic: bool, workers: int, 
 def assert_golden(name: str, epoch: int, batches: list[dict], golden) -> None:
     digests = json.loads(str(golden["digests"]))
     for number, batch in enumerate(batches):
+        # Not in the golden files (added later): the flat indices of what the golden labels select.
+        np.testing.assert_array_equal(batch.pop("msm_positions"), np.flatnonzero(batch["lm_label_ids"] != -1))
+        counted = (batch["image_label"] == 1) & (batch["is_next"] == 0)[:, None]
+        np.testing.assert_array_equal(batch.pop("mrm_positions"), np.flatnonzero(counted))
         for key, value in batch.items():
             stored = f"batch/{name}/{epoch}/{number}/{key}"
             if stored in golden:  # arrays kept for one configuration: a failure shows the difference

@@ -1,5 +1,6 @@
 """Resume round trip (weights, optimiser, schedule, scaler, EMA, RNG), the NaN guard, GracefulStop."""
 
+import logging
 import math
 import os
 import random
@@ -140,17 +141,26 @@ def test_bad_resume_files_are_clear_errors(tmp_path):
         load_training_state(path, other, build_optimizer("AdamW", param_groups(other), lr=0.1))
 
 
-def test_non_finite_guard_skips_then_aborts():
+def test_non_finite_guard_decides_on_the_device_and_tells_the_host_when_settled(caplog):
     guard = NonFiniteGuard(max_bad_steps=3)
-    assert guard.check(torch.tensor(1.0)) is False
-    assert guard.check(torch.tensor(float("nan"))) is True
-    assert guard.check(float("inf")) is True
-    assert guard.check(0.5) is False  # a good step resets the run of bad ones
-    assert guard.bad_steps == 0 and guard.skipped_steps == 2
-    assert guard.check(torch.tensor([1.0, math.nan])) is True
-    assert guard.check(torch.tensor(math.inf)) is True
-    with pytest.raises(RuntimeError, match="NaN/inf for 3 optimiser steps in a row"):
-        guard.check(torch.tensor(-math.inf))
+    verdicts = [guard.verdict(loss) for loss in (torch.tensor(1.0), torch.tensor(math.nan), math.inf, 0.5)]
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in verdicts)
+    assert [float(v) for v in verdicts] == [0.0, 1.0, 1.0, 0.0]
+    assert guard.skipped_steps == 0  # nothing reaches the host before settle
+    with caplog.at_level(logging.WARNING, logger="vilbert.training_state"):
+        guard.settle()
+    assert "2 step(s) skipped since the last report (0 in a row now, 2 in total)" in caplog.text
+    assert guard.bad_steps == 0 and guard.skipped_steps == 2  # a good step ended the run of bad ones
+
+    assert float(guard.verdict(torch.tensor([1.0, math.nan]))) == 1.0  # any element
+    guard.settle()
+    assert (guard.bad_steps, guard.skipped_steps) == (1, 3)
+    guard.verdict(torch.tensor(math.inf))  # the run goes on across a settle: 2 in a row
+    guard.settle()
+    guard.verdict(torch.tensor(-math.inf))
+    guard.verdict(torch.tensor(1.0))  # the run of 3 ended before the host looked: still an abort
+    with pytest.raises(RuntimeError, match=r"NaN/inf for 3 optimiser steps in a row \(limit 3\)"):
+        guard.settle()
     with pytest.raises(ValueError):
         NonFiniteGuard(0)
 

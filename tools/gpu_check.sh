@@ -17,8 +17,8 @@
 #      bucketing; then fp32 + the fast paths, which separates their gain from bf16's;
 #   3. the Flickr30K retrieval evaluation benchmark, base config, on CUDA: both rates and the projected
 #      time of the full 5,000 x 1,000 test, ours in fp32 and in bf16 (the baseline stays fp32);
-#   4. the tests: tests/test_cuda.py (golden outputs, SDPA kernels, autocast, fast paths and the
-#      command lines on CUDA) and a few quick CPU test files, which check the device's torch version.
+#   4. the tests: tests/test_cuda.py (golden outputs, SDPA kernels, autocast, fast paths, the published
+#      steps under set_sync_debug_mode("error") and the command lines on CUDA) and a few quick CPU test files, which check the device's torch version.
 #
 # The machine's python3 holds a CUDA torch but not this project's environment: the project itself is
 # not installed, the checkout goes on PYTHONPATH. The LMDB steps and the tests need the wheels
@@ -110,7 +110,8 @@ step eval_retrieval_bf16 100 "$TESTS_RESERVE" python3 benchmarks/bench_eval_retr
 # The CUDA tests, then CPU test files that are quick (seconds) and check the device's torch version.
 step tests 300 0 python3 -m pytest -q -p no:cacheprovider --durations=15 tests/test_cuda.py \
     tests/test_golden.py tests/test_fast_paths.py tests/test_modeling.py tests/test_optimization.py \
-    tests/test_training_state.py tests/test_ema.py tests/test_bert_adam.py tests/test_golden_training.py
+    tests/test_training_state.py tests/test_ema.py tests/test_bert_adam.py tests/test_golden_training.py \
+    tests/test_sync_free.py
 
 {
     echo "== summary"
@@ -122,7 +123,7 @@ step tests 300 0 python3 -m pytest -q -p no:cacheprovider --durations=15 tests/t
     done
     for name in eval_retrieval eval_retrieval_bf16; do
         echo "-- $name"
-        grep -E '5,000 x 1,000|^ratio=|differ' "$OUT/$name.txt"
+        grep -E '5,000 x 1,000|^ratio=|differ|padding' "$OUT/$name.txt"
     done
     echo "-- tests"
     grep -E '^(FAILED|ERROR) |^=* ?[0-9]+ (passed|failed|skipped|error)|exit status' "$OUT/tests.txt"

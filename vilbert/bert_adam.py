@@ -11,6 +11,12 @@ that change the trajectory, so the paper's numbers need all four:
   ``p <- p - lr * schedule(step / t_total, warmup) * update``. A parameter whose gradient is None is
   skipped and its counter does not move.
 
+A step can be skipped on the device, with no host sync, the way torch's fused optimisers take
+GradScaler's verdict: set ``optimizer.found_inf`` (a 0-d tensor, 1.0 to skip) before ``step()``.
+A skipped step leaves every weight and moment exactly as it was (the gradients, which may be NaN,
+are zeroed and the moments' decay is 1); the update counters still move, because they live on the
+host, so a skipped step still uses up one step of the schedule.
+
 One implementation, with ``torch._foreach_*`` kernels (per-parameter norms through
 ``torch._foreach_norm``): a few fused launches per step instead of a dozen per tensor.
 See ``docs/training.md`` for the whole recipe.
@@ -162,30 +168,47 @@ class BertAdam(Optimizer):
                 bucket["lr"].append(group["lr"] * self._factor(group, state["step"]))
                 bucket["wd"].append(group["weight_decay"])
                 bucket["state"].append(state)
+        skip = getattr(self, "found_inf", None)
         for (betas, eps, max_grad_norm), bucket in buckets.items():
-            _update(bucket, betas, eps, max_grad_norm, [self._scratch_of(p) for p in bucket["p"]])
+            scratch = [self._scratch_of(p) for p in bucket["p"]]
+            _update(bucket, betas, eps, max_grad_norm, scratch, skip)
             for state in bucket["state"]:
                 state["step"] += 1
         return loss
 
 
 def _update(
-    bucket: dict[str, list], betas: tuple[float, float], eps: float, max_grad_norm: float, scratch: list
+    bucket: dict[str, list],
+    betas: tuple[float, float],
+    eps: float,
+    max_grad_norm: float,
+    scratch: list,
+    skip: torch.Tensor | None = None,
 ) -> None:
     """One BertAdam update of a list of parameters sharing betas, eps and the clip norm.
 
     Operation for operation the published arithmetic (so the result is the same to the last bit on
     the same hardware), done in place: ``scratch`` holds two buffers per parameter, kept between steps,
     because allocating (and faulting in) fresh parameter-sized tensors every step cost more than the
-    arithmetic itself.
+    arithmetic itself. ``skip`` (0-d, 1.0 to skip) gates the step on the device; at 0.0 every result is
+    bitwise the ungated one (the gates multiply by exactly 1 and add exactly 0).
     """
     params, grads, exp_avg, exp_avg_sq = bucket["p"], bucket["g"], bucket["m"], bucket["v"]
     beta1, beta2 = betas
+    keep: torch.Tensor | float = 1.0
+    decay1: torch.Tensor | float = beta1
+    decay2: torch.Tensor | float = beta2
+    if skip is not None:
+        skipped = skip.bool()
+        for grad in grads:
+            grad.masked_fill_(skipped, 0.0)  # NaN-safe: a product with 0 would keep the NaN
+        keep = 1.0 - skip
+        decay1, decay2 = torch.where(skipped, 1.0, beta1), torch.where(skipped, 1.0, beta2)
     if max_grad_norm > 0:
         _clip_each(grads, max_grad_norm)
-    torch._foreach_mul_(exp_avg, beta1)
+    torch._foreach_mul_(exp_avg, decay1)
     torch._foreach_add_(exp_avg, grads, alpha=1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sq, beta2)
+    torch._foreach_mul_(exp_avg_sq, decay2)
     torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1.0 - beta2)
     denominator, updates = [pair[0] for pair in scratch], [pair[1] for pair in scratch]
     torch._foreach_copy_(denominator, exp_avg_sq)
@@ -200,6 +223,8 @@ def _update(
         torch._foreach_mul_(terms, [bucket["wd"][i] for i in decayed])
         torch._foreach_add_([updates[i] for i in decayed], terms)
     torch._foreach_mul_(updates, bucket["lr"])
+    if skip is not None:
+        torch._foreach_mul_(updates, keep)
     torch._foreach_sub_(params, updates)
 
 

@@ -196,6 +196,18 @@ def any_across_ranks(flag: bool) -> bool:
     return bool(packed.item() > 0)
 
 
+def max_across_ranks_(value: torch.Tensor) -> torch.Tensor:
+    """``value`` replaced in place by its maximum over ranks, on the device: no host sync under NCCL."""
+    if not is_initialized():
+        return value
+    if value.device == _comm_device():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return value
+    packed = value.to(_comm_device())
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return value.copy_(packed)
+
+
 def min_across_ranks(value: int) -> int:
     """The smallest ``value`` of any rank (e.g. batches per epoch, so no rank waits forever)."""
     if not is_initialized():

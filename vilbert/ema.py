@@ -43,12 +43,20 @@ class ExponentialMovingAverage:
         return [state[name] for name in self.shadow]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Move the shadow weights toward the current ones; call once after each optimiser step."""
+    def update(self, model: nn.Module, skip: torch.Tensor | None = None) -> None:
+        """Move the shadow weights toward the current ones; call once after each optimiser step.
+
+        ``skip`` (0-d, 1.0 when the optimiser step was skipped on the device) leaves them as they are.
+        """
         current = self._live_tensors(model)
         shadow = list(self.shadow.values())
-        # lerp(ema, current, 1 - decay) = ema - (1 - decay)(ema - current), fused over all tensors.
-        torch._foreach_lerp_(shadow, current, 1.0 - self.decay)
+        # ema <- ema - (1 - decay)(ema - current), the published formula, fused over all tensors. The
+        # weight may be a device tensor (0 for a skipped step): a product with it needs no host sync,
+        # where torch's lerp reads a tensor weight on the host.
+        weight = 1.0 - self.decay if skip is None else (1.0 - skip) * (1.0 - self.decay)
+        difference = torch._foreach_sub(shadow, current)
+        torch._foreach_mul_(difference, weight)
+        torch._foreach_sub_(shadow, difference)
         self.num_updates += 1
 
     @contextlib.contextmanager

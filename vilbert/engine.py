@@ -57,36 +57,54 @@ class Optimization:
     def backward(self, loss: torch.Tensor, scale: float = 1.0) -> None:
         """``scale`` divides the loss among the micro-batches of one step (1 / accumulation).
 
-        Losses are summed on the device (a NaN/inf anywhere makes the sum non-finite), so the
-        finiteness check costs one host sync per optimiser step, not one per micro-batch.
+        Losses are summed on the device (a NaN/inf anywhere makes the sum non-finite), so one
+        verdict per optimiser step covers every micro-batch of it.
         """
         self._loss_sum = self._loss_sum + loss.detach().float()
         self.scaler.scale(loss * scale).backward()
 
-    def step(self) -> bool:
-        """Apply the accumulated gradients; False when the step was skipped (non-finite loss)."""
-        skip = self.guard.check(self._loss_sum)
+    def step(self) -> torch.Tensor:
+        """Apply the accumulated gradients, or skip them on the device when the loss was not finite.
+
+        No host round trip: the verdict (returned, 0-d, 1.0 for a skipped step) goes to the optimiser
+        as ``found_inf``, the protocol of torch's fused optimisers, which BertAdam shares; the guard
+        tells the host in :meth:`settle`. An optimiser that cannot skip on the device (a non-fused
+        AdamW) is skipped from the host, at the cost of one sync. With fp16, GradScaler checks the
+        gradients (which a non-finite loss makes non-finite) in its own way.
+        """
+        found = self.guard.verdict(self._loss_sum)
         self._loss_sum = 0.0
-        if skip:
+        on_device = _skips_on_device(self.optimizer)
+        if not on_device and bool(found):
             self.optimizer.zero_grad(set_to_none=True)
-            return False
+            return found
         if self.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        self.scaler.step(self.optimizer)
+        if on_device:
+            self.optimizer.found_inf = found
+        try:
+            self.scaler.step(self.optimizer)
+        finally:
+            self.optimizer.__dict__.pop("found_inf", None)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
         if self.ema is not None:
-            self.ema.update(self.model)
-        return True
+            self.ema.update(self.model, skip=found)
+        return found
+
+    def settle(self) -> None:
+        """Let the host learn of skipped steps (one sync); the loop calls it when it logs or saves."""
+        self.guard.settle()
 
     def save_state(self, path: str, state: TrainingState, is_main: bool) -> None:
         """Write the resumable state of everything this step owns, with every rank's RNG (a collective).
 
         The guard's counters travel in ``state``; :meth:`load_state` puts them back."""
+        self.settle()
         state.bad_steps, state.skipped_steps = self.guard.bad_steps, self.guard.skipped_steps
         rng = gather_to_main(capture_rng_state())
         if is_main:
@@ -108,3 +126,8 @@ class Optimization:
         if isinstance(self.optimizer, BertAdam):
             return self.optimizer.scheduled_lr()
         return float(self.optimizer.param_groups[0]["lr"])
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """BertAdam and torch's fused optimisers apply a ``found_inf`` verdict without the host."""
+    return isinstance(optimizer, BertAdam) or bool(optimizer.defaults.get("fused"))

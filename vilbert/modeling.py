@@ -449,6 +449,14 @@ class PreTrainingScores:
     attentions: list[torch.Tensor]
 
 
+def _gather(values: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """``values[mask]``: through the flat ``positions`` of the mask when given (the same rows in the
+    same order, with no host sync), else by the mask itself (a sync on a GPU: its size is unknown)."""
+    if positions is None:
+        return values[mask]
+    return values.reshape(mask.numel(), *values.shape[mask.dim() :]).index_select(0, positions)
+
+
 class InterBertForMultiModalPreTraining(InterBertPreTrainedModel):
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
@@ -474,8 +482,14 @@ class InterBertForMultiModalPreTraining(InterBertPreTrainedModel):
         next_sentence_label: torch.Tensor | None = None,
         output_attentions: bool = False,
         itm_only: bool = False,
+        msm_positions: torch.Tensor | None = None,
+        mrm_positions: torch.Tensor | None = None,
     ) -> PreTrainingLosses | PreTrainingScores:
-        """With all labels: the three losses; without: the scores (``itm_only`` skips the big heads)."""
+        """With all labels: the three losses; without: the scores (``itm_only`` skips the big heads).
+
+        ``msm_positions`` / ``mrm_positions``: flat indices of the labelled tokens and counted regions
+        (the collate's), so the gathered heads need no host sync; without them the masks are used.
+        """
         out = self.bert(
             input_ids,
             image_feat,
@@ -490,8 +504,10 @@ class InterBertForMultiModalPreTraining(InterBertPreTrainedModel):
         labelled = masked_lm_labels is not None and image_label is not None and image_target is not None
         if labelled and next_sentence_label is not None:
             return PreTrainingLosses(
-                msm=self._msm_loss(out.sequence_output_t, masked_lm_labels),
-                mrm=self._mrm_loss(out.sequence_output_v, image_label, image_target, next_sentence_label),
+                msm=self._msm_loss(out.sequence_output_t, masked_lm_labels, msm_positions),
+                mrm=self._mrm_loss(
+                    out.sequence_output_v, image_label, image_target, next_sentence_label, mrm_positions
+                ),
                 itm=F.cross_entropy(itm_scores.view(-1, 2), next_sentence_label.view(-1), ignore_index=-1),
             )
         if itm_only:
@@ -503,15 +519,17 @@ class InterBertForMultiModalPreTraining(InterBertPreTrainedModel):
             out.attentions,
         )
 
-    def _msm_loss(self, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _msm_loss(
+        self, text: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Cross-entropy over the vocabulary at labelled positions (-1 ignored), matched or not.
 
         A batch with no labelled token gives 0 rather than the NaN of an empty mean.
         """
         selected = labels != -1
         if self.gather_heads:
-            logits = self.cls.predictions(text[selected])
-            targets = labels[selected]
+            logits = self.cls.predictions(_gather(text, selected, positions))
+            targets = _gather(labels, selected, positions)
         else:
             logits = self.cls.predictions(text).view(-1, self.config.vocab_size)
             targets = labels.view(-1)
@@ -519,14 +537,19 @@ class InterBertForMultiModalPreTraining(InterBertPreTrainedModel):
         return total / selected.sum().clamp(min=1)
 
     def _mrm_loss(
-        self, image: torch.Tensor, label: torch.Tensor, target: torch.Tensor, itm_label: torch.Tensor
+        self,
+        image: torch.Tensor,
+        label: torch.Tensor,
+        target: torch.Tensor,
+        itm_label: torch.Tensor,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """KL (or MSE with predict_feature) at masked regions of matched pairs only; region 0 dropped."""
         counted = (label == 1) & (itm_label == 0)[:, None]
         regions = image[:, 1:]
         if self.gather_heads:
-            prediction = self.cls.imagePredictions(regions[counted]).float()
-            target, weight = target[counted].float(), None
+            prediction = self.cls.imagePredictions(_gather(regions, counted, positions)).float()
+            target, weight = _gather(target, counted, positions).float(), None
         else:
             prediction = self.cls.imagePredictions(regions).float()
             weight = counted.unsqueeze(2).float()

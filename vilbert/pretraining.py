@@ -189,6 +189,8 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         image_label=batch["image_label"],
         image_target=batch["image_target"],
         next_sentence_label=batch["is_next"],
+        msm_positions=batch.get("msm_positions"),
+        mrm_positions=batch.get("mrm_positions"),
     )
 
 

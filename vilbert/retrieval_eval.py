@@ -173,8 +173,9 @@ def evaluate_retrieval(args: argparse.Namespace, ctx: DistContext) -> dict[str, 
         {key: torch.from_numpy(value[:num_captions]) for key, value in dataset.captions.items()}, bank
     )
     logger.info(
-        "%s %s: %d captions x %d images, %d pairs per forward, %d rank(s)",
+        "%s %s: %d captions x %d images, %d pairs per forward, %d rank(s); %s",
         task.name, split, num_captions, dataset.num_images, scorer.pairs_per_forward, ctx.world_size,
+        stream.padding(),
     )  # fmt: skip
     with progress(stream.total, dataset.num_images, "caption", ctx, args.quiet) as bar:
         flat = scorer.score(

@@ -11,9 +11,10 @@ Why this does not simply call ``model.forward`` on (caption, image) pairs:
   (``InterBertModel.encode(..., first_position_only=True)``, the method ``forward`` is built from).
 - Image embeddings do not depend on the caption: they are computed once per split
   (``v_embeddings``) and kept on the device; each forward gathers its rows from that cache.
-- Captions and images are ordered shortest first, and every forward takes the next
-  ``pairs_per_forward`` pairs of that caption-major stream (a block may span captions), cut to the
-  token and region columns its pairs use: padding that all pairs of a block share is not computed.
+- Captions and images are ordered shortest first and the pairs streamed in tiles of images
+  (:class:`PairStream`), and every forward takes the next ``pairs_per_forward`` pairs, cut to the
+  token and region columns its pairs use: padding that all pairs of a block share is not computed,
+  and a block's captions, like its images, are of nearly one length.
   Masked columns carry exactly zero attention, so the cut changes nothing but rounding.
 - Ranks share the stream in whole blocks, and only its very last block is padded. A pair is thus
   scored at the same place of the same block, with the same shapes, whatever the number of ranks or
@@ -86,12 +87,26 @@ class ImageBank:
         return self.embeddings.shape[0]
 
 
+@dataclass(frozen=True)
+class PaddingReport:
+    """Shares of padded positions among those computed, before and after sorting into blocks."""
+
+    unsorted: float
+    sorted: float
+
+    def __str__(self) -> str:
+        return f"padding {self.unsorted:.1%} of positions unsorted, {self.sorted:.1%} sorted into blocks"
+
+
 @dataclass
 class PairStream:
-    """The caption-major stream of every (caption, image) pair, captions and images shortest first,
-    so that each block of consecutive pairs can drop the padding its pairs share.
+    """Every (caption, image) pair in one stream, captions and images shortest first, ordered so that
+    each block of ``pairs_per_forward`` consecutive pairs holds captions and images of similar length.
 
-    Pair k is caption row ``k // num_images`` with image row ``k % num_images`` of the sorted stacks.
+    The sorted images are cut into tiles of ``images_per_tile``; the stream runs tile by tile, and
+    within a tile caption by caption over the tile's images. A block then spans about the same share
+    of the sorted captions as of the sorted images (``tile_width``), so both of its lengths are
+    nearly uniform; with one tile of every image this is the caption-major stream.
     """
 
     captions: dict[str, torch.Tensor]
@@ -99,6 +114,11 @@ class PairStream:
     caption_extent: np.ndarray
     bank: ImageBank
     pairs_per_forward: int
+    images_per_tile: int = 0  # 0: tile_width's choice
+
+    def __post_init__(self) -> None:
+        if self.images_per_tile <= 0:
+            self.images_per_tile = tile_width(self.num_captions, self.bank.num_images, self.pairs_per_forward)
 
     @property
     def num_captions(self) -> int:
@@ -107,6 +127,15 @@ class PairStream:
     @property
     def total(self) -> int:
         return self.num_captions * self.bank.num_images
+
+    def rows(self, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The sorted caption row and image row of each stream position in ``pairs``."""
+        width, captions = self.images_per_tile, self.num_captions
+        tile = pairs // (captions * width)
+        first_image = tile * width
+        tile_width_here = np.minimum(width, self.bank.num_images - first_image)
+        within = pairs - tile * captions * width
+        return within // tile_width_here, first_image + within % tile_width_here
 
     def shard(self, rank: int, world_size: int) -> range:
         """This rank's pairs: a contiguous run of whole blocks, so each pair lands at the same place of
@@ -117,10 +146,26 @@ class PairStream:
             min(first * self.pairs_per_forward, self.total), min(last * self.pairs_per_forward, self.total)
         )
 
+    def padding(self) -> PaddingReport:
+        """The share of computed positions (tokens + regions) that are padding, without the sort and
+        the cut (every pair at the stacks' full width) and with them (every pair of a block at the
+        block's widest caption and image, the last block's filler copies included)."""
+        num_images, block = self.bank.num_images, self.pairs_per_forward
+        full_width = self.captions["input_mask"].shape[1] + self.bank.mask.shape[1]
+        used = num_images * int(self.caption_extent.sum()) + self.num_captions * int(self.bank.extent.sum())
+        padded_stream = np.minimum(np.arange(math.ceil(self.total / block) * block), self.total - 1)
+        caption, image = self.rows(padded_stream)
+        starts = np.arange(0, len(caption), block)
+        tokens = np.maximum.reduceat(self.caption_extent[caption], starts)
+        regions = np.maximum.reduceat(self.bank.extent[image], starts)
+        computed = int((tokens + regions).sum()) * block
+        return PaddingReport(1.0 - used / (self.total * full_width), 1.0 - used / computed)
+
     def matrix(self, flat: np.ndarray) -> np.ndarray:
         """Stream-order scores of every pair → [num_captions, num_images] in the split's order."""
         scores = np.empty((self.num_captions, self.bank.num_images), dtype=flat.dtype)
-        scores[np.ix_(self.caption_order, self.bank.order)] = flat.reshape(scores.shape)
+        caption, image = self.rows(np.arange(self.total))
+        scores[self.caption_order[caption], self.bank.order[image]] = flat
         return scores
 
 
@@ -199,12 +244,10 @@ class RetrievalScorer:
         block = self.pairs_per_forward
         if selected.start % block or (selected.stop % block and selected.stop != stream.total):
             raise ValueError(f"pairs {selected} do not start and end on blocks of {block} pairs")
-        num_images = stream.bank.num_images
         scores = torch.empty(len(selected), dtype=torch.float32, device=self.device)
         for start in range(selected.start, selected.stop, block):
             count = min(block, selected.stop - start)
-            pair = np.minimum(np.arange(start, start + block), stream.total - 1)
-            caption, image = pair // num_images, pair % num_images
+            caption, image = stream.rows(np.minimum(np.arange(start, start + block), stream.total - 1))
             scores[start - selected.start : start - selected.start + count] = self._score_pairs(
                 stream,
                 torch.from_numpy(caption).to(self.device),
@@ -232,6 +275,13 @@ class RetrievalScorer:
                 text, text_mask, bank.embeddings[image, :regions], bank.mask[image, :regions]
             )
         return logits.float().softmax(dim=1)[:, 0]
+
+
+def tile_width(num_captions: int, num_images: int, pairs_per_forward: int) -> int:
+    """Images per tile such that a block covers the same share of the sorted captions as of the
+    sorted images (sqrt(pairs / all pairs) of each), so neither length varies much within a block."""
+    share = math.sqrt(pairs_per_forward / max(num_captions * num_images, 1))
+    return max(1, min(num_images, math.ceil(num_images * share)))
 
 
 def block_size(

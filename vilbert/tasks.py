@@ -212,8 +212,11 @@ def vcr_forward(model: nn.Module, batch: dict[str, Any]) -> TaskOutput:
     logits = out.vil_logit.float().view(batch["input_ids"].shape[0], -1)
     target = batch["target"]
     labelled = target >= 0
-    loss = F.cross_entropy(logits[labelled], target[labelled]) if bool(labelled.any()) else logits.sum() * 0
-    correct = (logits.argmax(1) == target)[labelled].sum()
+    # The mean over labelled questions, written so that no host sync decides anything: an unlabelled
+    # (test) batch gives 0 and zero gradients, not the NaN of an empty mean.
+    total = F.cross_entropy(logits, target, ignore_index=-1, reduction="sum")
+    loss = total / labelled.sum().clamp(min=1)
+    correct = ((logits.argmax(1) == target) & labelled).sum()
     return TaskOutput(loss, correct, int(target.shape[0]), logits)
 
 

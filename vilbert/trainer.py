@@ -206,6 +206,8 @@ class Trainer:
                     if not report.stepped:
                         continue
                     state.global_step += 1
+                    if state.global_step % self.log.log_every == 0:
+                        self.step.settle()  # the host's one look at the guard, before the log line
                     self.log.step(
                         state.global_step, report.losses, self.step.learning_rate(), report.samples,
                         flops=report.flops,
@@ -214,6 +216,7 @@ class Trainer:
                         return self._stopped(stop, hooks)
                     if args.save_every_steps and state.global_step % args.save_every_steps == 0:
                         self.save_state(hooks)
+                self.step.settle()
                 self.log.end_epoch()
                 metrics = self._validate(hooks)
                 if self.ctx.is_main:

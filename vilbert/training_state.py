@@ -9,7 +9,6 @@ a resume file never needs to execute pickled code.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import pickle
 import random
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from vilbert.atomic import atomic_torch_save
-from vilbert.distributed import any_across_ranks, unwrap_model
+from vilbert.distributed import any_across_ranks, max_across_ranks_, unwrap_model
 from vilbert.errors import BadInputError
 
 logger = logging.getLogger(__name__)
@@ -201,40 +200,57 @@ class NonFiniteLossError(RuntimeError):
 
 
 class NonFiniteGuard:
-    """Skip optimiser steps whose loss is NaN/inf; abort after `max_bad_steps` of them in a row.
+    """Skip optimiser steps whose loss is NaN/inf; abort after ``max_bad_steps`` of them in a row.
 
-    Under DDP every rank must skip together (otherwise they stop agreeing on the step count), so
-    the verdict is shared across ranks.
+    The verdict is made on the device, as GradScaler's found-inf is: :meth:`verdict` returns a 0-d
+    tensor (1.0: skip this step) that the optimiser applies without the host looking at it, and
+    keeps the counts on the device too. The host learns of skipped steps in :meth:`settle`, which
+    the loop calls on logging steps and before anything is validated or saved; it warns, and it
+    raises once a run of bad steps reached the limit. Under DDP the verdict is the maximum over
+    ranks, so every rank skips together and the ranks keep agreeing on the step count.
     """
 
     def __init__(self, max_bad_steps: int) -> None:
         if max_bad_steps < 1:
             raise BadInputError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
         self.max_bad_steps = max_bad_steps
-        self.bad_steps = 0
+        self.bad_steps = 0  # the current run of bad steps, as of the last settle
         self.skipped_steps = 0
+        self._counts: torch.Tensor | None = None  # [skipped, current run, longest run] since settle
 
-    def check(self, loss: torch.Tensor | float) -> bool:
-        """True when this step must be skipped. Raises once max_bad_steps consecutive losses were bad."""
-        if isinstance(loss, torch.Tensor):
-            bad_here = not bool(torch.isfinite(loss.detach()).all())
-        else:
-            bad_here = not math.isfinite(loss)
-        if not any_across_ranks(bad_here):
-            self.bad_steps = 0
-            return False
-        self.bad_steps += 1
-        self.skipped_steps += 1
-        if self.bad_steps >= self.max_bad_steps:
+    def verdict(self, loss: torch.Tensor | float) -> torch.Tensor:
+        """1.0 when this step must be skipped (any element of ``loss`` non-finite on any rank), else 0.0."""
+        loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        found = max_across_ranks_((~torch.isfinite(loss)).any().float())
+        if self._counts is None:
+            self._counts = torch.full((3,), float(self.bad_steps), device=found.device)  # no copy
+            self._counts[0] = 0.0
+        skipped, run, longest = self._counts.unbind()
+        run = (run + found) * found
+        self._counts = torch.stack([skipped + found, run, torch.maximum(longest, run)])
+        return found
+
+    def settle(self) -> None:
+        """Bring the device's counts to the host (one sync): warn about skipped steps, abort at the limit."""
+        if self._counts is None:
+            return
+        skipped, run, longest = (int(value) for value in self._counts.tolist())
+        self._counts = None
+        self.skipped_steps += skipped
+        self.bad_steps = run
+        if longest >= self.max_bad_steps:
             raise NonFiniteLossError(
-                f"loss was NaN/inf for {self.bad_steps} optimiser steps in a row "
+                f"loss was NaN/inf for {longest} optimiser steps in a row "
                 f"(limit {self.max_bad_steps}); stopping. Lower the learning rate, check the data, "
                 "or resume from the last checkpoint"
             )
-        logger.warning(
-            "non-finite loss: step skipped (%d in a row, %d in total)", self.bad_steps, self.skipped_steps
-        )
-        return True
+        if skipped:
+            logger.warning(
+                "non-finite loss: %d step(s) skipped since the last report (%d in a row now, %d in total)",
+                skipped,
+                run,
+                self.skipped_steps,
+            )
 
 
 class GracefulStop:

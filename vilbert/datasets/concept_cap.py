@@ -348,10 +348,12 @@ def _batch_shape(
 
 
 def _batch_fields(
-    size: int, seq_len: int, num_regions: int, feat_dim: int, target_dim: int
+    size: int, seq_len: int, num_regions: int, feat_dim: int, target_dim: int, labelled: tuple[int, int]
 ) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     f32, i64 = torch.float32, torch.int64
     return [
+        ("msm_positions", i64, (labelled[0],)),
+        ("mrm_positions", i64, (labelled[1],)),
         ("input_ids", i64, (size, seq_len)),
         ("input_mask", i64, (size, seq_len)),
         ("segment_ids", i64, (size, seq_len)),
@@ -406,6 +408,9 @@ def collate_pretraining(
     and region list (the global one included) rounded up to ``pad_to_multiple`` positions, never
     past the fixed padding; otherwise ``max_seq_length`` tokens and ``region_len + 1`` regions.
     ``image_target`` and ``image_label`` cover the real regions only (one fewer than ``image_feat``).
+    ``msm_positions`` and ``mrm_positions`` are the flat indices of the labelled tokens and of the
+    regions MRM counts (``image_label == 1`` in a matched pair), found here on the host so the model
+    can gather its heads' inputs on the device without a sync.
     Every tensor is a view of one buffer, reused across batches in a DataLoader worker
     (:func:`~vilbert.datasets.loader.batch_tensors`).
     """
@@ -418,11 +423,10 @@ def collate_pretraining(
     )
     size = len(samples)
     feat_dim, target_dim = samples[0]["region_feat"].shape[1], samples[0]["image_target"].shape[1]
-    largest = _batch_fields(
-        size, max(seq_len, max_seq_length), max(num_regions, region_len + 1), feat_dim, target_dim
-    )
+    longest, most = max(seq_len, max_seq_length), max(num_regions, region_len + 1)
+    largest = _batch_fields(size, longest, most, feat_dim, target_dim, (size * longest, size * (most - 1)))
     batch = batch_tensors(
-        _batch_fields(size, seq_len, num_regions, feat_dim, target_dim),
+        _batch_fields(size, seq_len, num_regions, feat_dim, target_dim, _labelled_counts(samples)),
         capacity=sum(math.prod(shape) * dtype.itemsize + 64 for _, dtype, shape in largest),
     )
     arrays = {name: tensor.numpy() for name, tensor in batch.items()}
@@ -446,4 +450,14 @@ def collate_pretraining(
     arrays["multimodal_mask"][:, num_regions:] = text
     arrays["is_next"][...] = [int(s["is_next"]) for s in samples]
     arrays["image_id"][...] = [int(s["image_id"]) for s in samples]
+    arrays["msm_positions"][...] = np.flatnonzero(arrays["lm_label_ids"] != IGNORE_INDEX)
+    counted = (arrays["image_label"] == 1) & (arrays["is_next"] == 0)[:, None]
+    arrays["mrm_positions"][...] = np.flatnonzero(counted)
     return batch
+
+
+def _labelled_counts(samples: Sequence[Mapping[str, np.ndarray]]) -> tuple[int, int]:
+    """How many MSM labels and counted MRM regions (masked, in a matched pair) the batch holds."""
+    tokens = sum(int(np.count_nonzero(s["lm_label_ids"] != IGNORE_INDEX)) for s in samples)
+    regions = sum(int(np.count_nonzero(s["image_label"] == 1)) for s in samples if int(s["is_next"]) == 0)
+    return tokens, regions
