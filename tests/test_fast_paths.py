@@ -185,3 +185,17 @@ def test_engine_steps_with_every_fast_path_give_the_plain_weights(samples):
             assert not step.step()  # 0.0: not skipped
     assert all(not torch.equal(p, initial[name]) for name, p in plain_model.named_parameters())
     assert_all_close(dict(fast_model.named_parameters()), dict(plain_model.named_parameters()))
+
+
+def test_heads_gathered_by_the_collate_positions_give_the_mask_gathers_losses_bitwise(samples):
+    """``msm_positions`` / ``mrm_positions`` (no host sync) select the same rows in the same order as
+    the boolean masks (a sync on a GPU): the losses and gradients are identical to the last bit."""
+    torch.manual_seed(0)
+    model = configured(InterBertForMultiModalPreTraining(tiny_config()).eval(), FAST)
+    for batch_samples in samples:
+        batch = collate(batch_samples, FAST)
+        by_mask = {key: value for key, value in batch.items() if not key.endswith("_positions")}
+        losses, grads = losses_and_gradients(model, batch)
+        mask_losses, mask_grads = losses_and_gradients(model, by_mask)
+        assert all(torch.equal(losses[name], mask_losses[name]) for name in losses)
+        assert all(torch.equal(grads[name], mask_grads[name]) for name in grads)

@@ -138,3 +138,24 @@ def test_run_logger_prints_and_records_mfu(tmp_path: Path, caplog: pytest.LogCap
     assert records[0]["mfu"] == pytest.approx(records[0]["tflops_per_s"] * 1e12 / 1e15)
     assert records[0]["samples_per_s"] > 0 and "mfu" not in records[1]
     assert "MFU" in caplog.records[0].getMessage() and "MFU" not in caplog.records[1].getMessage()
+
+
+def test_the_rates_count_training_time_only_across_an_epoch_boundary(monkeypatch, tmp_path: Path) -> None:
+    """A log interval that spans the end of an epoch: 3 s of steps before it, 10 s of validation, 1 s
+    after it. The rates divide by the 4 s of training, not by the 1 s since the epoch began."""
+    import json
+
+    from vilbert import run_logging
+
+    clock = iter([0.0, 0.0, 3.0, 3.0, 13.0, 14.0, 14.0])
+    monkeypatch.setattr(run_logging.time, "perf_counter", lambda: next(clock))
+    log = run_logging.RunLogger(str(tmp_path), enabled=True, log_every=4, quiet=True, peak_flops=1e12)
+    log.start_epoch(0, total=3)  # 0.0
+    for step in (1, 2, 3):
+        log.step(step, {"loss": 1.0}, 1e-4, 64, flops=1e12)
+    log.end_epoch()  # 3.0 (and the restart of the clock, 3.0)
+    log.start_epoch(1, total=3)  # 13.0: after validation
+    log.step(4, {"loss": 1.0}, 1e-4, 64, flops=1e12)  # 14.0: the log line, then the clock's restart
+    record = json.loads((tmp_path / "history.jsonl").read_text().splitlines()[0])
+    assert record["samples_per_s"] == pytest.approx(4 * 64 / 4.0)
+    assert record["mfu"] == pytest.approx(4e12 / 4.0 / 1e12)

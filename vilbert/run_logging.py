@@ -47,6 +47,9 @@ class RunLogger:
         self._count = 0
         self._samples = 0
         self._flops = 0.0
+        # The clock of the rates runs during epochs only (validation and saving are not training):
+        # seconds of the current log interval in finished epochs, and when the running part began.
+        self._finished_seconds = 0.0
         self._since = time.perf_counter()
         self.bar: tqdm | None = None
 
@@ -56,6 +59,8 @@ class RunLogger:
         self._since = time.perf_counter()
 
     def end_epoch(self) -> None:
+        self._finished_seconds += time.perf_counter() - self._since
+        self._since = time.perf_counter()
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -86,7 +91,7 @@ class RunLogger:
             self.bar.update(1)
         if global_step % self.log_every:
             return
-        elapsed = max(time.perf_counter() - self._since, 1e-9)
+        elapsed = max(self._finished_seconds + time.perf_counter() - self._since, 1e-9)
         means = {name: float(total) / self._count for name, total in self._sums.items()}
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
@@ -109,7 +114,7 @@ class RunLogger:
         )
         self.scalars("train", values, global_step)
         self._sums, self._count, self._samples, self._flops = {}, 0, 0, 0.0
-        self._since = time.perf_counter()
+        self._finished_seconds, self._since = 0.0, time.perf_counter()
 
     def scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
         if self.writer is not None:

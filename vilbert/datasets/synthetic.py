@@ -126,6 +126,12 @@ class Scene:
     features: np.ndarray  # [n, D]
     cls_prob: np.ndarray  # [n, C]
 
+    def regions_of(self, word: str) -> list[int]:
+        """The feature-file regions (1-based: region 0 is the global one) of the object whose class is
+        ``word``; empty when no object of the scene has that class (classes are unique in a scene)."""
+        named = [index for index, c in enumerate(self.classes) if OBJECT_CLASSES[c] == word]
+        return [int(box) + 1 for box in np.flatnonzero(self.box_object == named[0])] if named else []
+
     def phrase(self, obj: int) -> str:
         """The object as a noun phrase: 'a red dog', 'an orange car'."""
         colour = ATTRIBUTES[self.attributes[obj]]
@@ -333,7 +339,9 @@ def _write_conceptual_captions(world: SyntheticWorld, folder: str, overwrite: bo
         _write_json(os.path.join(folder, caption_name), captions)
 
 
-def _flickr_scenes(world: SyntheticWorld) -> Iterator[tuple[str, int, Scene, list[str]]]:
+def flickr_scenes(world: SyntheticWorld) -> Iterator[tuple[str, int, Scene, list[str]]]:
+    """(split, image id, scene, its 5 sentences) of the Flickr30K look-alike, as it was written: the
+    ground truth (which detected box shows which object) that the files themselves do not carry."""
     cfg = world.config
     rng = world.rng(3)
     splits = (
@@ -355,7 +363,7 @@ def _write_flickr30k(world: SyntheticWorld, folder: str, overwrite: bool) -> Non
         RegionFeatureWriter(all_path, overwrite=overwrite) as all_writer,
         RegionFeatureWriter(test_path, overwrite=overwrite) as test_writer,
     ):
-        for split, image_id, scene, sentences in _flickr_scenes(world):
+        for split, image_id, scene, sentences in flickr_scenes(world):
             record = region_record(image_id, scene, with_cls_prob=False)
             all_writer.add(record)
             test_writer.add(record)
@@ -606,6 +614,7 @@ __all__ = [
     "SyntheticWorldFiles",
     "caption",
     "check_vocabulary",
+    "flickr_scenes",
     "generate_synthetic_world",
     "replace_sizes",
     "task_file",
