@@ -211,6 +211,19 @@ def test_fused_adamw_steps_on_cuda_give_the_cpu_weights(samples):
     assert_all_close(_cpu(dict(fast.named_parameters())), dict(plain.named_parameters()))
 
 
+def test_prefetched_batches_arrive_whole_and_in_order_while_the_device_computes():
+    """The next batch is copied on a side stream while a long matrix product runs on the compute
+    stream; each batch taken must hold exactly its host values."""
+    from vilbert.device_prefetch import prefetch_to_device
+
+    host = [{"x": (torch.arange(1 << 20) + i).pin_memory()} for i in range(6)]
+    work = torch.randn(4096, 4096, device=DEVICE)
+    for index, (taken, moved) in enumerate(prefetch_to_device(iter(host), DEVICE)):
+        assert taken is host[index]
+        work = work @ work / 64  # keeps the compute stream busy while the next copy runs
+        assert torch.equal(moved["x"].cpu(), host[index]["x"])
+
+
 class _SyncsAreErrors:
     """CUDA's own check: any synchronising call in the block raises."""
 

@@ -350,3 +350,13 @@ def test_fine_tuning_collates_cut_to_buckets_without_changing_scores() -> None:
     batch = collate_vcr(vcr, pad_to_multiple=8)
     assert batch["annot_id"] == ["val-0", "val-1", "val-2"] and batch["image_feat"].shape[1] % 8 == 0
     assert torch.equal(batch["image_mask"], collate_vcr(vcr)["image_mask"][:, : batch["image_feat"].shape[1]])
+
+
+def test_prefetching_to_the_device_keeps_the_order_and_hands_back_the_host_batch() -> None:
+    """On the CPU the batch is moved when taken; the CUDA side stream is tested in test_cuda.py."""
+    from vilbert.device_prefetch import prefetch_to_device
+
+    host = [{"x": torch.arange(3) + 10 * i, "y": torch.ones(2) * i} for i in range(4)]
+    pairs = list(prefetch_to_device(iter(host), torch.device("cpu")))
+    assert [h for h, _ in pairs] == host
+    assert all(torch.equal(moved[k], h[k]) for h, moved in pairs for k in h)

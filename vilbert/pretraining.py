@@ -22,6 +22,7 @@ from vilbert.config import BertConfig
 from vilbert.data_checks import PretrainingData, require_pretraining_data
 from vilbert.datasets.concept_cap import ConceptCapDataset, pretraining_files
 from vilbert.datasets.loader import loader_workers, make_loader
+from vilbert.device_prefetch import prefetch_to_device
 from vilbert.distributed import DistContext, all_reduce_sum
 from vilbert.engine import Optimization
 from vilbert.flops import batch_flops
@@ -289,13 +290,14 @@ def _iterations(trainer: Trainer, data: PretrainData, weights: LossWeights):
         data.train_loader.batch_sampler.set_epoch(state.epoch, skip=state.step_in_epoch)
         batches = len(data.train_loader)
         flops = 0.0
-        for index, batch in enumerate(data.train_loader, start=state.step_in_epoch):
+        on_device = prefetch_to_device(data.train_loader, ctx.device)
+        for index, (batch, moved) in enumerate(on_device, start=state.step_in_epoch):
             will_step = (index + 1) % accumulation == 0 or index + 1 == batches
             # Counted on the host copy: on a GPU the label counts would cost a synchronisation.
             flops += batch_flops(trainer.config, batch, trainer.model.gather_heads).training_step
             parts = train_step(
-                trainer.step, trainer.forward_model, to_device(batch, ctx.device), weights,
-                trainer.precision, accumulation, will_step,
+                trainer.step, trainer.forward_model, moved, weights, trainer.precision, accumulation,
+                will_step,
             )  # fmt: skip
             samples = batch["input_ids"].shape[0] * ctx.world_size * accumulation
             yield StepReport(parts, samples, will_step, flops * ctx.world_size if will_step else None)
