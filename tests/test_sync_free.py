@@ -16,6 +16,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -73,12 +74,14 @@ def _engine(model: torch.nn.Module, plan, device: torch.device) -> Optimization:
     return Optimization(model, plan.optimizer, plan.scheduler, scaler, guard, plan.max_grad_norm, ema)
 
 
-def pretraining_steps(micro_batches, device: torch.device, spy=None, positions: bool = True) -> Optimization:
-    """Two published optimiser steps of two micro-batches each, every fast path on."""
+def pretraining_steps(
+    micro_batches, device: torch.device, spy=None, positions: bool = True, recipe: str = "published"
+) -> Optimization:
+    """Two optimiser steps of two micro-batches each, every fast path on."""
     torch.manual_seed(0)
     model = InterBertForMultiModalPreTraining(fast_paths.tiny_config())
     model = fast_paths.configured(model, fast_paths.FAST).to(device).train()
-    plan = pretraining_plan("published", model, 1e-3, 0.1, 4, from_pretrained=False)
+    plan = pretraining_plan(recipe, model, 1e-3, 0.1, 4, from_pretrained=False)
     step = _engine(model, plan, device)
     batches = [fast_paths.collate(s, fast_paths.FAST) for s in micro_batches * 2]
     if not positions:
@@ -147,9 +150,13 @@ def finetuning_steps(device: torch.device, spy=None) -> Optimization:
     return step
 
 
-def test_the_published_pretraining_step_reads_nothing_on_the_host(samples):
+@pytest.mark.parametrize("recipe", ["published", "modern"])
+def test_the_pretraining_step_reads_nothing_on_the_host(samples, recipe):
+    """Published: BertAdam; modern: fused AdamW, the global clip and the LambdaLR schedule."""
     spy = HostReads()
-    step = pretraining_steps(samples, CPU, spy)
+    step = pretraining_steps(samples, CPU, spy, recipe=recipe)
+    if recipe == "modern":
+        assert step.optimizer.defaults["fused"]
     assert spy.found == []
     step.settle()  # the host's look, outside the step: nothing was skipped
     assert step.guard.skipped_steps == 0
