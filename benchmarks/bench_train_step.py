@@ -58,6 +58,7 @@ from vilbert.modeling import InterBertForMultiModalPreTraining
 from vilbert.optimization import build_optimizer, param_groups
 from vilbert.precision import PRECISIONS, Precision
 from vilbert.recipe import pretraining_plan
+from vilbert.training_args import add_compile_flag, compile_mode
 from vilbert.training_state import NonFiniteGuard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -437,7 +438,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--pad_to_multiple", type=int, default=8, help="fast side: dynamic padding rounded up to N positions"
     )
-    parser.add_argument("--compile", action="store_true", help="torch.compile the fast side's model")
+    add_compile_flag(parser, "the fast side's model")
     parser.add_argument("--peak_tflops", type=float, default=None, help="peak for MFU (default: by device)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.threads < 0:
@@ -481,14 +482,14 @@ def main(argv: list[str] | None = None) -> None:
         plain = make_side("plain", plain_model, True, precision, dynamic, fused_adamw)
         fast = make_side("fast", fast_model, True, precision, dynamic, fused_adamw)
         fast.model.gather_heads = False  # as the trainer does under --compile: static shapes
-        fast.model = torch.compile(fast.model)
+        fast.model = torch.compile(fast.model, mode=compile_mode(args.compile or "default"))
         fast.description = fast.description.replace("gathered heads", "full heads") + ", torch.compile"
     else:
         plain = make_side("plain", plain_model, False, Precision("fp32", device), full, fused_adamw=False)
         fast = make_side("fast", fast_model, True, Precision(args.precision, device), dynamic, fused_adamw)
     if args.compile and args.compare != "compile":
-        fast.model = torch.compile(fast.model)
-        fast.description += ", torch.compile"
+        fast.model = torch.compile(fast.model, mode=compile_mode(args.compile))
+        fast.description += f", torch.compile ({args.compile})"
     fast.description += f", padding to multiples of {args.pad_to_multiple}"
     sides = (plain, fast)
     peaks = {

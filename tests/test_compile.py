@@ -64,3 +64,34 @@ def test_compiled_losses_equal_eager_losses():
         fast = pretraining_losses(compiled, batch, LossWeights())[1]
     for name in eager:
         np.testing.assert_allclose(float(fast[name]), float(eager[name]), atol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_retrieval_scores_equal_eager_scores():
+    """``eval_retrieval.py --compile``: the scorer's encoder + ITM head compiled with dynamic shapes
+    (blocks of 9 pairs, each cut to its own widths) gives the eager score matrix to 1e-5 (fp32)."""
+    from tests.test_eval_retrieval import TINY, _random_inputs
+
+    config = BertConfig.from_json_file(TINY)
+    config.initializer_range = 0.2  # scores spread over (0, 1)
+    torch.manual_seed(0)
+    model = InterBertForVLTasks(config).eval()
+    text, image = _random_inputs(config, captions=5, images=7)
+    scores = {}
+    for name, options in (("eager", None), ("compiled", {"mode": None})):
+        scorer = RetrievalScorer(model, Precision("fp32", torch.device("cpu")), 9, compile_options=options)
+        bank = scorer.embed_images([image], 7)
+        scores[name] = scorer.score(scorer.stream(text, bank))
+    assert scores["eager"].std() > 1e-3
+    np.testing.assert_allclose(scores["compiled"], scores["eager"], atol=1e-5)
+
+
+def test_the_compile_flag_takes_an_optional_mode():
+    from vilbert.retrieval_eval import retrieval_parser
+
+    base = ["--from_pretrained", "x.bin"]
+    assert retrieval_parser().parse_args(base).compile is None
+    assert retrieval_parser().parse_args([*base, "--compile"]).compile == "default"
+    assert retrieval_parser().parse_args([*base, "--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    with pytest.raises(SystemExit):
+        retrieval_parser().parse_args([*base, "--compile", "fastest"])

@@ -43,7 +43,7 @@ from vilbert.modeling import InterBertForMultiModalPreTraining, InterBertForVLTa
 from vilbert.precision import Precision
 from vilbert.retrieval_scorer import TOP_K, RetrievalScorer, block_size, default_memory_budget
 from vilbert.tasks import FeatureStores, TaskConfig, load_task_configs, select_tasks
-from vilbert.training_args import positive_int
+from vilbert.training_args import add_compile_flag, compile_mode, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def retrieval_parser() -> argparse.ArgumentParser:
         type=positive_int,
         help="(caption, image) pairs per forward (default: what fits 2 GiB on CPU, 1/4 of a GPU)",
     )
+    add_compile_flag(new, "the scorer's encoder and ITM head (dynamic shapes: blocks differ in width)")
     return p
 
 
@@ -167,7 +168,8 @@ def evaluate_retrieval(args: argparse.Namespace, ctx: DistContext) -> dict[str, 
         num_captions * dataset.num_images,
         default_memory_budget(ctx.device),
     )
-    scorer = RetrievalScorer(model, precision, min_across_ranks(pairs))
+    compiled = None if args.compile is None else {"mode": compile_mode(args.compile)}
+    scorer = RetrievalScorer(model, precision, min_across_ranks(pairs), compile_options=compiled)
     bank = scorer.embed_images(images, dataset.num_images)
     stream = scorer.stream(
         {key: torch.from_numpy(value[:num_captions]) for key, value in dataset.captions.items()}, bank

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -178,7 +179,15 @@ def check_itm_model(model: nn.Module) -> None:
 class RetrievalScorer:
     """Scores captions against an :class:`ImageBank` with a model in eval mode, without gradients."""
 
-    def __init__(self, model: nn.Module, precision: Precision, pairs_per_forward: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        precision: Precision,
+        pairs_per_forward: int,
+        compile_options: dict[str, Any] | None = None,
+    ) -> None:
+        """``compile_options``: compile the encoder + ITM head with these ``torch.compile`` options,
+        with dynamic shapes (the blocks' widths differ); None: eager."""
         check_itm_model(model)
         if pairs_per_forward < 1:
             raise ValueError(f"pairs_per_forward must be at least 1, got {pairs_per_forward}")
@@ -186,6 +195,9 @@ class RetrievalScorer:
         self.precision = precision
         self.pairs_per_forward = pairs_per_forward
         self.device = precision.device
+        self._logits = self._itm_logits
+        if compile_options is not None:
+            self._logits = torch.compile(self._itm_logits, dynamic=True, **compile_options)
 
     @torch.no_grad()
     def embed_images(self, chunks: Iterable[dict[str, torch.Tensor]], num_images: int) -> ImageBank:
@@ -271,9 +283,8 @@ class RetrievalScorer:
                 stream.captions["segment_ids"][caption, :tokens],
             )
             bank = stream.bank
-            logits = self._itm_logits(
-                text, text_mask, bank.embeddings[image, :regions], bank.mask[image, :regions]
-            )
+            image_rows, image_mask = bank.embeddings[image, :regions], bank.mask[image, :regions]
+            logits = self._logits(text, text_mask, image_rows, image_mask)
         return logits.float().softmax(dim=1)[:, 0]
 
 

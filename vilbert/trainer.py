@@ -37,6 +37,7 @@ from vilbert.precision import Precision
 from vilbert.recipe import OptimizerPlan
 from vilbert.run_folder import RunFolder
 from vilbert.run_logging import RunLogger
+from vilbert.training_args import compile_mode
 from vilbert.training_state import GracefulStop, NonFiniteGuard, TrainingState, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class Trainer:
             # the heads on every position give the same losses with static shapes.
             self.model.gather_heads = False
             logger.info("--compile: MSM/MRM heads run on every position (static shapes, one graph)")
-        forward = torch.compile(self.model) if args.compile else self.model
+        forward = torch.compile(self.model, mode=compile_mode(args.compile)) if args.compile else self.model
         forward = task_wrapper(forward) if task_wrapper is not None else forward
         if ctx.world_size > 1:
             forward = DistributedDataParallel(

@@ -16,6 +16,26 @@ from vilbert.optimization import OPTIMIZERS
 from vilbert.recipe import RECIPES
 from vilbert.run_folder import RESUME_ANYWAY_FLAG
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def add_compile_flag(group: argparse._ArgumentGroup, what: str) -> None:
+    """``--compile [MODE]``: torch.compile ``what``; ``reduce-overhead`` adds CUDA graphs on a GPU."""
+    group.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=COMPILE_MODES,
+        metavar="MODE",
+        help=f"torch.compile {what}; MODE: {', '.join(COMPILE_MODES)} (reduce-overhead: CUDA graphs)",
+    )
+
+
+def compile_mode(mode: str) -> str | None:
+    """The ``mode`` argument of torch.compile for a ``--compile`` value (None is torch's default)."""
+    return None if mode == "default" else mode
+
 
 def str_to_bool(value: str) -> bool:
     """``--do_lower_case False`` is False; ``true/false``, ``yes/no``, ``1/0`` in any case."""
@@ -150,7 +170,7 @@ def add_new_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     )
     new.add_argument("--log_every", type=positive_int, default=20, help="a log line every N steps")
     new.add_argument("--quiet", action="store_true", help="no progress bar")
-    new.add_argument("--compile", action="store_true", help="torch.compile the model")
+    add_compile_flag(new, "the training forward and loss")
     new.add_argument(
         "--peak_tflops",
         type=non_negative_float,
