@@ -534,3 +534,21 @@ def test_tiles_cover_every_pair_once_and_keep_blocks_nearly_uniform():
     )
     assert tiled.padding().unsorted == caption_major.padding().unsorted
     assert tiled.padding().sorted < 0.05 < 0.35 < caption_major.padding().sorted  # 4.8% and 37.0%
+
+
+def test_tf32_is_a_choice_and_off_by_default():
+    """``--tf32`` turns TF32 matrix products on for the run; without it fp32 stays exact fp32."""
+    from vilbert.precision import use_tf32
+    from vilbert.retrieval_eval import retrieval_parser
+
+    base = ["--from_pretrained", "x.bin"]
+    assert retrieval_parser().parse_args(base).tf32 is False
+    assert retrieval_parser().parse_args([*base, "--tf32"]).tf32 is True
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        use_tf32(True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        use_tf32(False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

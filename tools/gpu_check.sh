@@ -16,7 +16,7 @@
 #      memory and the top CUDA operators; then exact padding (eager), then torch.compile on top of
 #      bucketing; then fp32 + the fast paths, which separates their gain from bf16's;
 #   3. the Flickr30K retrieval evaluation benchmark, base config, on CUDA: both rates and the projected
-#      time of the full 5,000 x 1,000 test, ours in fp32 and in bf16 (the baseline stays fp32);
+#      time of the full 5,000 x 1,000 test, ours in fp32, bf16 and TF32 (the baseline stays fp32);
 #   4. the tests: tests/test_cuda.py (golden outputs, SDPA kernels, autocast, fast paths, the published
 #      steps under set_sync_debug_mode("error") and the command lines on CUDA) and a few quick CPU test files, which check the device's torch version.
 #
@@ -26,7 +26,7 @@
 # Each step has its own time limit, and none runs past the deadline (GPU_CHECK_SECONDS, default 540 s
 # from the start); the benchmarks leave the tests TESTS_RESERVE seconds of it.
 # Outputs go to $OUT (the device tool brings that folder back; a new temporary folder without it), one
-# file per step and summary.txt (11 files), and are echoed as they come.
+# file per step and summary.txt (12 files), and are echoed as they come.
 set -uo pipefail
 
 OUT="${OUT:-$(mktemp -d)}"
@@ -106,6 +106,8 @@ step eval_retrieval 150 "$TESTS_RESERVE" python3 benchmarks/bench_eval_retrieval
     --device cuda --num_images 1000 --num_captions 16
 step eval_retrieval_bf16 100 "$TESTS_RESERVE" python3 benchmarks/bench_eval_retrieval.py \
     --config "$BASE" --device cuda --num_images 1000 --num_captions 32 --precision bf16
+step eval_retrieval_tf32 80 "$TESTS_RESERVE" python3 benchmarks/bench_eval_retrieval.py \
+    --config "$BASE" --device cuda --num_images 1000 --num_captions 16 --tf32
 
 # The CUDA tests, then CPU test files that are quick (seconds) and check the device's torch version.
 step tests 300 0 python3 -m pytest -q -p no:cacheprovider --durations=15 tests/test_cuda.py \
@@ -121,7 +123,7 @@ step tests 300 0 python3 -m pytest -q -p no:cacheprovider --durations=15 tests/t
         echo "-- $name"
         grep -E '^(plain|fast) *[=:]|^published|^ratio=' "$OUT/$name.txt"
     done
-    for name in eval_retrieval eval_retrieval_bf16; do
+    for name in eval_retrieval eval_retrieval_bf16 eval_retrieval_tf32; do
         echo "-- $name"
         grep -E '5,000 x 1,000|^ratio=|differ|padding' "$OUT/$name.txt"
     done

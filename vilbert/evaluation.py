@@ -93,6 +93,9 @@ def add_new_flags(p: argparse.ArgumentParser, default_yaml: str) -> argparse._Ar
         "--task_config", default=None, help=f"task YAML (default: {default_yaml} in the working dir)"
     )
     new.add_argument("--bf16", action="store_true", help="autocast bfloat16")
+    new.add_argument(
+        "--tf32", action="store_true", help="fp32 matrix products in TF32 on a GPU (faster, 10-bit mantissa)"
+    )
     new.add_argument("--quiet", action="store_true", help="no progress bar")
     new.add_argument(
         "--recipe",

@@ -40,7 +40,7 @@ from vilbert.evaluation import (
 )
 from vilbert.metrics import image_retrieval_metrics, text_retrieval_metrics, top_k_images
 from vilbert.modeling import InterBertForMultiModalPreTraining, InterBertForVLTasks
-from vilbert.precision import Precision
+from vilbert.precision import Precision, use_tf32
 from vilbert.retrieval_scorer import TOP_K, RetrievalScorer, block_size, default_memory_budget
 from vilbert.tasks import FeatureStores, TaskConfig, load_task_configs, select_tasks
 from vilbert.training_args import add_compile_flag, compile_mode, positive_int
@@ -152,6 +152,7 @@ def evaluate_retrieval(args: argparse.Namespace, ctx: DistContext) -> dict[str, 
     model = load_model(model_class, args, config, ITM_HEAD).to(ctx.device)
     zero_shot = check_head_trained(args.from_pretrained, task.name, args.zero_shot) or args.zero_shot
     precision = Precision.from_flags(args.fp16, args.bf16, ctx.device)
+    use_tf32(args.tf32)
     folder = make_run_folder(args, ctx, "-zero_shot" if args.zero_shot else "")
 
     images = DataLoader(

@@ -51,7 +51,7 @@ from vilbert.evaluation import (
 )
 from vilbert.metrics import q_ar_accuracy, vcr_accuracy
 from vilbert.modeling import InterBertForVLTasks
-from vilbert.precision import Precision
+from vilbert.precision import Precision, use_tf32
 from vilbert.tasks import (
     TASKS,
     FeatureStores,
@@ -328,6 +328,7 @@ def _vcr_results(
         pin_memory=ctx.device.type == "cuda",
     )
     precision = Precision.from_flags(args.fp16, args.bf16, ctx.device)
+    use_tf32(args.tf32)
     conditioned = task.name == "VCR_QA-R" and not dataset.labelled
     with progress(len(dataset), 1, "sample", ctx, args.quiet) as bar:
         results = predict(
