@@ -191,6 +191,31 @@ def test_automatic_decay_matches_reduce_lr_on_plateau():
         schedule.epoch_end(len(scores), float("nan"))
 
 
+def test_many_plateaus_stop_where_reduce_lr_on_plateau_stops_each_group():
+    """Thirty flat epochs after a peak cut the lr every third epoch; below torch's eps (1e-8) a cut is
+    not made, which stops the 2e-5 group (the published fine-tuning lr) after 5 cuts and the 1e-3
+    group after 8, as torch does for each of its groups."""
+
+    def two_groups():
+        first, second = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+        return torch.optim.SGD([{"params": [first], "lr": 2e-5}, {"params": [second], "lr": 1e-3}])
+
+    reference_optimizer = two_groups()
+    reference = ReduceLROnPlateau(
+        reference_optimizer, mode="max", factor=0.2, patience=1, cooldown=1, threshold=0.001
+    )
+    schedule = FineTuneSchedule(two_groups(), "automatic", warmup_steps=0)
+    for epoch, score in enumerate([0.9] + [0.5] * 30):
+        reference.step(score)
+        schedule.epoch_end(epoch, score)
+        expected = [group["lr"] for group in reference_optimizer.param_groups]
+        assert schedule.get_last_lr() == pytest.approx(expected, rel=1e-12), epoch
+    assert schedule.get_last_lr() == pytest.approx([2e-5 * 0.2**5, 1e-3 * 0.2**8], rel=1e-12)
+    restored = FineTuneSchedule(two_groups(), "automatic", warmup_steps=0)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.get_last_lr() == schedule.get_last_lr()
+
+
 def test_fine_tune_schedule_combines_warmup_and_decay_per_group():
     optimizer = _optimizer(lr=2.0, groups=2)
     schedule = FineTuneSchedule(optimizer, "mannul", warmup_steps=4)

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 OPTIMIZERS = ("AdamW", "BertAdam")
 MANUAL_MILESTONES = (12, 16, 20, 22, 26)
 FINE_TUNE_SCHEDULES = ("mannul", "manual", "automatic")
+PLATEAU_EPS = 1e-8  # torch ReduceLROnPlateau's eps: a smaller lr change is not made
 WEIGHT_DECAY = 0.01
 BERT_BASE_LAYERS = 12  # the published 0.1x list holds bert-base's encoder.layer.0-11
 _BERT_INITIALISED = re.compile(
@@ -183,16 +184,16 @@ class FineTuneSchedule:
         self.plateau_threshold = plateau_threshold
         self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         self.steps = 0
-        self.decay = 1.0
+        self.decays = [1.0] * len(self.base_lrs)  # per group: torch's plateau rule is per group
         self.best = -math.inf
         self.bad_epochs = 0
         self.cooldown_left = 0
         self._apply()
 
     def _apply(self) -> None:
-        factor = _warmup_factor(self.steps, self.warmup_steps) * self.decay
-        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base_lr * factor
+        warmup = _warmup_factor(self.steps, self.warmup_steps)
+        for group, base_lr, decay in zip(self.optimizer.param_groups, self.base_lrs, self.decays):
+            group["lr"] = base_lr * warmup * decay
 
     def step(self) -> None:
         self.steps += 1
@@ -201,7 +202,7 @@ class FineTuneSchedule:
     def epoch_end(self, epoch: int, score: float | None = None) -> None:
         """epoch: 0-based index of the epoch just finished; score: its validation score (`automatic`)."""
         if self.kind == "mannul":
-            self.decay = step_decay_factor(epoch + 1, self.milestones, self.gamma)
+            self.decays = [step_decay_factor(epoch + 1, self.milestones, self.gamma)] * len(self.base_lrs)
         else:
             if score is None or not math.isfinite(score):
                 raise BadInputError(f"--lr_scheduler automatic needs a finite validation score, got {score}")
@@ -219,10 +220,13 @@ class FineTuneSchedule:
             self.cooldown_left -= 1
             self.bad_epochs = 0
         if self.bad_epochs > self.plateau_patience:
-            self.decay *= self.plateau_factor
+            for index, base_lr in enumerate(self.base_lrs):
+                old = base_lr * self.decays[index]
+                if old - old * self.plateau_factor > PLATEAU_EPS:  # torch skips changes below its eps
+                    self.decays[index] *= self.plateau_factor
             self.cooldown_left = self.plateau_cooldown
             self.bad_epochs = 0
-            logger.info("validation score plateaued at %.4f: lr decay now %.4g", self.best, self.decay)
+            logger.info("validation score plateaued at %.4f: lr decay now %.4g", self.best, self.decays[0])
 
     def get_last_lr(self) -> list[float]:
         return [float(group["lr"]) for group in self.optimizer.param_groups]
@@ -232,7 +236,7 @@ class FineTuneSchedule:
             "kind": self.kind,
             "base_lrs": list(self.base_lrs),
             "steps": self.steps,
-            "decay": self.decay,
+            "decays": list(self.decays),
             "best": self.best,
             "bad_epochs": self.bad_epochs,
             "cooldown_left": self.cooldown_left,
@@ -248,7 +252,8 @@ class FineTuneSchedule:
             )
         self.base_lrs = [float(lr) for lr in state["base_lrs"]]
         self.steps = int(state["steps"])
-        self.decay = float(state["decay"])
+        saved = state["decays"] if "decays" in state else [state["decay"]] * len(self.base_lrs)
+        self.decays = [float(decay) for decay in saved]
         self.best = float(state["best"])
         self.bad_epochs = int(state["bad_epochs"])
         self.cooldown_left = int(state["cooldown_left"])
