@@ -214,6 +214,9 @@ def test_many_plateaus_stop_where_reduce_lr_on_plateau_stops_each_group():
     restored = FineTuneSchedule(two_groups(), "automatic", warmup_steps=0)
     restored.load_state_dict(schedule.state_dict())
     assert restored.get_last_lr() == schedule.get_last_lr()
+    older = {key: value for key, value in schedule.state_dict().items() if key != "decays"}
+    restored.load_state_dict({**older, "decay": 0.2})  # a resume file of the single-decay format
+    assert restored.get_last_lr() == pytest.approx([2e-5 * 0.2, 1e-3 * 0.2])
 
 
 def test_fine_tune_schedule_combines_warmup_and_decay_per_group():
