@@ -6,6 +6,7 @@ import dataclasses
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,6 +63,39 @@ class IdTokenizer:
 
     def encode(self, caption: str) -> list[int]:
         return [int(word) for word in caption.split()]
+
+
+def random_pretraining_samples(
+    config, count: int, seed: int, boxes: tuple[int, int], caption_tokens: tuple[int, int], **builder_options
+) -> list[dict]:
+    """Masked pretraining samples of random datapoints with the config's feature and class sizes:
+    ``boxes`` and ``caption_tokens`` bound the regions and the caption ids ([low, high)) per image."""
+    from vilbert.datasets.concept_cap import PretrainingSampleBuilder, sample_rng
+    from vilbert.datasets.features import PretrainDatapoint
+
+    rng = np.random.default_rng(seed)
+    points = []
+    for index in range(count):
+        n = int(rng.integers(*boxes))
+        x1, y1 = rng.uniform(0, 200, n), rng.uniform(0, 150, n)
+        scores = rng.random((n, config.v_target_size), dtype=np.float32)
+        points.append(
+            PretrainDatapoint(
+                features=rng.normal(size=(n, config.v_feature_size)).astype(np.float32),
+                cls_prob=scores / scores.sum(1, keepdims=True),
+                boxes=np.stack([x1, y1, x1 + 90, y1 + 80], 1).astype(np.float32),
+                num_boxes=n,
+                image_h=240,
+                image_w=320,
+                image_id=str(index),
+                caption=" ".join(
+                    str(2000 + t) for t in rng.integers(0, 500, int(rng.integers(*caption_tokens)))
+                ),
+            )
+        )
+    captions = {point.image_id: point.caption for point in points}
+    builder = PretrainingSampleBuilder(IdTokenizer(config.vocab_size), captions, **builder_options)
+    return [builder.build(point, sample_rng(seed, 0, 0, i)) for i, point in enumerate(points)]
 
 
 @pytest.fixture

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tests.conftest import IdTokenizer
+from tests.conftest import random_pretraining_samples
 from vilbert.config import BertConfig
-from vilbert.datasets.concept_cap import PretrainingSampleBuilder, collate_pretraining, sample_rng
-from vilbert.datasets.features import PretrainDatapoint
+from vilbert.datasets.concept_cap import collate_pretraining
 from vilbert.flops import batch_flops, estimate_mfu, peak_flops, pretraining_flops
 from vilbert.modeling import InterBertForMultiModalPreTraining
 from vilbert.pretraining import model_inputs
@@ -51,29 +49,9 @@ def test_hand_count_of_the_tiny_config(config: BertConfig) -> None:
 
 
 def _batch(config: BertConfig, size: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
-    rng = np.random.default_rng(seed)
-    points = []
-    for index in range(size):
-        n = int(rng.integers(3, 9))
-        x1, y1 = rng.uniform(0, 200, n), rng.uniform(0, 150, n)
-        scores = rng.random((n, config.v_target_size), dtype=np.float32)
-        points.append(
-            PretrainDatapoint(
-                features=rng.random((n, config.v_feature_size), dtype=np.float32),
-                cls_prob=scores / scores.sum(1, keepdims=True),
-                boxes=np.stack([x1, y1, x1 + 90, y1 + 80], 1).astype(np.float32),
-                num_boxes=n,
-                image_h=240,
-                image_w=320,
-                image_id=str(index),
-                caption=" ".join(str(2000 + t) for t in rng.integers(0, 500, int(rng.integers(5, 11)))),
-            )
-        )
-
-    builder = PretrainingSampleBuilder(
-        IdTokenizer(config.vocab_size), {p.image_id: p.caption for p in points}, itm_prob=0.3
+    samples = random_pretraining_samples(
+        config, size, seed, boxes=(3, 9), caption_tokens=(5, 11), itm_prob=0.3
     )
-    samples = [builder.build(p, sample_rng(seed, 0, 0, i)) for i, p in enumerate(points)]
     return collate_pretraining(samples)
 
 

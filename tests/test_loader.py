@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tests.conftest import IdTokenizer
+from tests.conftest import random_pretraining_samples
 from vilbert.datasets.concept_cap import ConceptCapDataset
 from vilbert.datasets.features import PretrainDatapoint, PretrainingLMDB, write_pretraining_lmdb
 from vilbert.datasets.serialization import loads_tensorpack_view, msgpack_dumps, safe_msgpack_loads
@@ -219,34 +219,6 @@ def test_workers_reuse_shared_buffers_only_once_released(golden_files, golden, t
             assert torch.equal(value, torch.from_numpy(reference[number % len(reference)][key])), key
 
 
-def _tiny_samples(config, count: int, seed: int) -> list[dict]:
-    from vilbert.datasets.concept_cap import PretrainingSampleBuilder, sample_rng
-
-    rng = np.random.default_rng(seed)
-    points = []
-    for index in range(count):
-        n = int(rng.integers(1, 20))
-        x1, y1 = rng.uniform(0, 200, n), rng.uniform(0, 150, n)
-        scores = rng.random((n, config.v_target_size), dtype=np.float32)
-        points.append(
-            PretrainDatapoint(
-                features=rng.normal(size=(n, config.v_feature_size)).astype(np.float32),
-                cls_prob=scores / scores.sum(1, keepdims=True),
-                boxes=np.stack([x1, y1, x1 + 90, y1 + 80], 1).astype(np.float32),
-                num_boxes=n,
-                image_h=240,
-                image_w=320,
-                image_id=str(index),
-                caption=" ".join(str(2000 + t) for t in rng.integers(0, 500, int(rng.integers(1, 30)))),
-            )
-        )
-
-    builder = PretrainingSampleBuilder(
-        IdTokenizer(config.vocab_size), {p.image_id: p.caption for p in points}, region_len=18
-    )
-    return [builder.build(p, sample_rng(seed, 0, 0, i)) for i, p in enumerate(points)]
-
-
 @pytest.mark.parametrize("gather_heads, use_sdpa", [(True, True), (False, False)])
 def test_bucketed_padding_gives_the_losses_of_exact_padding(gather_heads: bool, use_sdpa: bool) -> None:
     """Rounding the padding up to multiples of 8 (text and regions) leaves every loss unchanged (to
@@ -267,7 +239,9 @@ def test_bucketed_padding_gives_the_losses_of_exact_padding(gather_heads: bool, 
         return torch.stack([out.msm, out.mrm, out.itm])
 
     for seed in range(3):
-        samples = _tiny_samples(config, 7, seed)
+        samples = random_pretraining_samples(
+            config, 7, seed, boxes=(1, 20), caption_tokens=(1, 30), region_len=18
+        )
         exact = collate_pretraining(samples, max_seq_length=36, region_len=18, pad_to_multiple=1)
         bucketed = collate_pretraining(samples, max_seq_length=36, region_len=18, pad_to_multiple=8)
         text, regions = bucketed["input_ids"].shape[1], bucketed["image_feat"].shape[1]
