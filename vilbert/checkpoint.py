@@ -128,6 +128,17 @@ def load_state_dict_into(
     return missing, unexpected
 
 
+def check_backbone_loaded(source: str, config_name: str, missing: list[str], unexpected: list[str]) -> None:
+    """Refuse a checkpoint whose backbone (``bert.*``) disagrees with the config (e.g. in layer count):
+    scoring with it would use a partly random model. ``config_name`` says which config, for the message."""
+    backbone = [key for key in missing + unexpected if key.startswith("bert.")]
+    if backbone:
+        raise CheckpointError(
+            f"{source}: does not match {config_name}: "
+            f"{len(backbone)} backbone weight(s) missing or extra, e.g. {backbone[0]}"
+        )
+
+
 def load_pretrained(model: nn.Module, path: str, strict: bool = False) -> tuple[list[str], list[str]]:
     """Load ``path`` (any supported file or folder) into ``model``."""
     return load_state_dict_into(model, read_state_dict(path), source=path, strict=strict)

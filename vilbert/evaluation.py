@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 from tqdm import tqdm
 
-from vilbert.checkpoint import CheckpointError, load_pretrained
+from vilbert.checkpoint import CheckpointError, check_backbone_loaded, load_pretrained
 from vilbert.cli import first_line, run_script
 from vilbert.config import BertConfig
 from vilbert.datasets.rules import DATA_RULES
@@ -236,12 +236,7 @@ def load_model(
     model = model_class(config)
     args.from_pretrained = run_folder_checkpoint(args.from_pretrained)
     missing, unexpected = load_pretrained(model, args.from_pretrained)
-    backbone = [key for key in missing + unexpected if key.startswith("bert.")]
-    if backbone:
-        raise CheckpointError(
-            f"{args.from_pretrained}: does not match --config_file {args.config_file}: "
-            f"{len(backbone)} backbone weight(s) missing or extra, e.g. {backbone[0]}"
-        )
+    check_backbone_loaded(args.from_pretrained, f"--config_file {args.config_file}", missing, unexpected)
     if head in missing:
         raise CheckpointError(
             f"{args.from_pretrained}: has no {head.rsplit('.', 1)[0]} weights to score with"

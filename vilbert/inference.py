@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from vilbert.checkpoint import CheckpointError, load_state_dict_into, normalize_keys, read_state_dict
+from vilbert.checkpoint import (
+    CheckpointError,
+    check_backbone_loaded,
+    load_state_dict_into,
+    normalize_keys,
+    read_state_dict,
+)
 from vilbert.config import BertConfig
 from vilbert.datasets.features import MissingImageError, RegionFeatureStore
 from vilbert.datasets.retrieval import collate_retrieval, encode_captions, pad_regions
@@ -102,12 +108,7 @@ def load_model(
     else:
         model = InterBertForMultiModalPreTraining(config)
     missing, unexpected = load_state_dict_into(model, state_dict, source=model_path)
-    backbone = [key for key in missing + unexpected if key.startswith("bert.")]
-    if backbone:
-        raise CheckpointError(
-            f"{model_path}: does not match its config {config_file or 'config.json'}: "
-            f"{len(backbone)} backbone weight(s) missing or extra, e.g. {backbone[0]}"
-        )
+    check_backbone_loaded(model_path, f"its config {config_file or 'config.json'}", missing, unexpected)
     if ITM_HEAD in missing:
         raise CheckpointError(f"{model_path}: has no ITM head ({ITM_HEAD.rsplit('.', 1)[0]}) to score with")
     tokenizer = BertTokenizer(_vocabulary(model_path, bert_model), do_lower_case=do_lower_case)
