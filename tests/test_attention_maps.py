@@ -238,8 +238,8 @@ def test_a_trained_models_words_point_at_the_objects_they_name(tmp_path):
         for sentence in sentences[:2]:
             attention = attention_map(loaded, features[str(image_id)], sentence, str(image_id), settings)
             for token, word in enumerate(attention.tokens):
-                if scene.regions_of(word):
-                    targets.append(PointingTarget(attention, token, scene.regions_of(word)))
+                if regions := scene.regions_of(word):
+                    targets.append(PointingTarget(attention, token, regions))
     result = pointing_game(targets, layer="mean")
     assert result.total >= 150
     assert result.rate >= POINTING_RATE_AT_LEAST * result.chance, (

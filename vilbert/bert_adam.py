@@ -195,14 +195,12 @@ def _update(
     """
     params, grads, exp_avg, exp_avg_sq = bucket["p"], bucket["g"], bucket["m"], bucket["v"]
     beta1, beta2 = betas
-    keep: torch.Tensor | float = 1.0
     decay1: torch.Tensor | float = beta1
     decay2: torch.Tensor | float = beta2
     if skip is not None:
         skipped = skip.bool()
         for grad in grads:
             grad.masked_fill_(skipped, 0.0)  # NaN-safe: a product with 0 would keep the NaN
-        keep = 1.0 - skip
         decay1, decay2 = torch.where(skipped, 1.0, beta1), torch.where(skipped, 1.0, beta2)
     if max_grad_norm > 0:
         _clip_each(grads, max_grad_norm)
@@ -224,7 +222,7 @@ def _update(
         torch._foreach_add_([updates[i] for i in decayed], terms)
     torch._foreach_mul_(updates, bucket["lr"])
     if skip is not None:
-        torch._foreach_mul_(updates, keep)
+        torch._foreach_mul_(updates, 1.0 - skip)
     torch._foreach_sub_(params, updates)
 
 
