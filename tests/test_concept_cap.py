@@ -300,20 +300,29 @@ def test_published_rules_exclude_negatives_equal_up_to_the_last_character(tokeni
     assert drawn("published") == {"far", "far too"}
 
 
-def test_published_rules_make_regions_stored_as_zeros_mrm_targets(tokenizer):
+def test_published_rules_make_regions_stored_as_zeros_mrm_targets(tmp_path: Path, tokenizer):
     """Published: group masking labels every region whose features are all zero after masking, so a
-    region stored as zeros is always a target; corrected: only masked regions are targets."""
+    region stored as zeros is always a target; corrected: only masked regions are targets. The rule
+    is applied by the dataset's collate (where the features are read), so it is tested through it."""
     point = _datapoint(np.random.default_rng(1), 100, 6, "a dog near the cat")
-    point.features = point.features.copy()
     point.features[2] = 0.0
+    _write_split(
+        tmp_path,
+        "training_feat_all.lmdb",
+        "caption_train.json",
+        [point, _datapoint(np.random.default_rng(2), 200, 6, "a cat")],
+    )
     labels = {}
     for rules in ("modern", "published"):
-        builder = PretrainingSampleBuilder(tokenizer, {"100": "x", "200": "y"}, span_mask=True, rules=rules)
-        draws = [builder.build(point, np.random.default_rng(seed)) for seed in range(200)]
-        labels[rules] = np.array([sample["image_label"] for sample in draws])
-        zeroed = np.array([sample["region_zeroed"] for sample in draws])
-        assert ((labels[rules] == 1) >= zeroed).all()  # every masked region is a target in both
+        draws = []
+        for seed in range(200):
+            dataset = _dataset(tmp_path, tokenizer, span_mask=True, rules=rules, seed=seed)
+            batch = dataset.collate_fn(pad_to_multiple=1)(dataset.__getitems__([0]))
+            draws.append((batch["image_label"][0].numpy(), (batch["image_feat"][0, 1:] == 0).all(-1).numpy()))
+        labels[rules] = np.array([label for label, _ in draws])
+        zeroed = np.array([zero for _, zero in draws])
+        other = np.arange(6) != 2
+        assert ((labels[rules] == 1) >= zeroed)[:, other].all()  # every masked region is a target in both
     assert (labels["published"][:, 2] == 1).all()
     assert (labels["modern"][:, 2] == IGNORE_INDEX).mean() > 0.5  # masked w.p. about 0.1 (+ its group)
-    other = np.arange(6) != 2
     assert np.array_equal(labels["published"][:, other], labels["modern"][:, other])

@@ -7,6 +7,7 @@ must exit with status 2 and one line on stderr that names the culprit.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -15,8 +16,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import ROOT
+from vilbert.datasets.concept_cap import ConceptCapDataset
 from vilbert.datasets.features import (
     LMDBFormatError,
     MissingImageError,
@@ -29,10 +32,13 @@ from vilbert.datasets.features import (
 from vilbert.datasets.hard_negatives import global_features
 from vilbert.datasets.jsonl import AnnotationError, JSONLinesError, write_jsonl
 from vilbert.datasets.lmdb_check import DamagedLMDBError, check_lmdb_file
+from vilbert.datasets.loader import make_loader
 from vilbert.datasets.serialization import UnsafePickleError
 from vilbert.datasets.tsv import TSVFormatError
-from vilbert.datasets.validation import BadRecordError, SkippedRecordError, check_region_record
+from vilbert.datasets.validation import BadRecordError, SkippedRecordError
+from vilbert.distributed import DistContext
 from vilbert.errors import EXIT_BAD_INPUT, BadInputError
+from vilbert.tokenization import BertTokenizer, default_vocab_path
 
 HARD_NEGATIVES = os.path.join(ROOT, "tools", "build_hard_negatives.py")
 PAGE = 4096
@@ -198,22 +204,24 @@ def test_boxes_within_the_slack_are_accepted(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["nan_features", "inf_cls_prob", "zero_width", "box_outside", "num_boxes"])
-def test_the_check_names_a_damaged_pretraining_record(tmp_path, case):
-    """How the pretraining decode path calls the check: on the decoded datapoint, file and key named."""
+@pytest.mark.parametrize("rules", ["published", "modern"])
+def test_the_pretraining_loader_names_a_damaged_record(tmp_path, case, rules):
+    """Through the trainer's loader: counts and boxes are checked where the record is decoded, the
+    values where the collate copies them into the batch; either way the file and key are named."""
     changes = {"num_boxes": ({"num_boxes": 5}, "num_boxes = 5")}.get(case) or BAD_RECORDS[case]
-    path = str(tmp_path / "train.lmdb")
-    write_pretraining_lmdb(path, [_datapoint(0), _datapoint(1, **changes[0])])
-    datapoints = PretrainingLMDB(path)
-    for index, key in enumerate(datapoints.keys()):
-        point = datapoints[index]
-        fields = (point.features, point.boxes, point.image_w, point.image_h, point.num_boxes, point.cls_prob)
-        where = f"{path} key {key!r}"
-        if index == 0:
-            check_region_record(where, *fields)
-            continue
-        with pytest.raises(BadRecordError, match=changes[1]) as info:
-            check_region_record(where, *fields)
-        assert str(info.value).startswith(f"{path} key b'00000001': ")
+    path = str(tmp_path / "training_feat_all.lmdb")
+    points = [_datapoint(10), _datapoint(21, **changes[0]), _datapoint(32)]
+    write_pretraining_lmdb(path, points)
+    captions = tmp_path / "caption_train.json"
+    captions.write_text(json.dumps({p.image_id: p.caption for p in points}))
+    dataset = ConceptCapDataset(path, str(captions), BertTokenizer(default_vocab_path()), rules=rules)
+    ctx = DistContext(rank=0, local_rank=-1, world_size=1, device=torch.device("cpu"))
+    loader = make_loader(dataset, 3, dataset.collate_fn(), ctx, False, False, 0, 0)
+    with pytest.raises(BadRecordError, match=changes[1]) as info:
+        next(iter(loader))
+    assert str(info.value).startswith(f"{path} key b'00000001': ") and "\n" not in str(info.value)
+    good = make_loader(dataset, 1, dataset.collate_fn(), ctx, False, False, 0, 0)
+    assert next(iter(good))["image_feat"].isfinite().all()
 
 
 def test_skip_policy_warns_once_per_record_and_counts(tmp_path, caplog):

@@ -133,6 +133,7 @@ def test_samples_equal_the_golden_ones(golden_files, golden, tokenizer) -> None:
     dataset = ConceptCapDataset(*golden_files, tokenizer, **kwargs)
     for index in range(len(dataset)):
         sample = dataset[index]
+        assert sample.pop("source") == f"{golden_files[0]} key {dataset.datapoints.keys()[index]!r}"
         for key, value in sample.items():
             stored = golden[f"sample/span/0/{index}/{key}"]
             np.testing.assert_array_equal(np.asarray(value), stored, err_msg=f"{index} {key}")

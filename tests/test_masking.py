@@ -226,3 +226,28 @@ def test_samples_label_specials_and_padding_ignored_and_global_region_is_masked_
         assert np.all(feat[:, 0].any(axis=1)), "the global region is never zeroed"
         np.testing.assert_array_equal(batch["image_loc"][:, 0], [[0, 0, 1, 1, 1]] * len(samples))
     assert any_region_masked
+
+
+@pytest.mark.parametrize("span_mask", [True, False])
+def test_a_sample_built_with_its_batch_equals_the_sample_built_alone(
+    tokenizer: BertTokenizer, span_mask: bool
+) -> None:
+    """The loader builds a whole batch at once (``build_many``: one set of region arithmetic for every
+    image); each sample must be bitwise what ``build`` makes of its datapoint and generator alone,
+    whatever the other images' sizes and region counts."""
+    rng = np.random.default_rng(11)
+    captions = {str(i): f"a {'small ' * (i % 5)}cat under the table number {i}" for i in range(12)}
+    points = [_datapoint(rng, i, 1 + (7 * i) % 30, captions[str(i)]) for i in range(12)]
+    for i, point in enumerate(points):  # different image sizes in one batch
+        point.image_w, point.image_h = 500 + 37 * i, 400 - 11 * i
+    builder = PretrainingSampleBuilder(tokenizer, captions, region_len=24, span_mask=span_mask)
+    masked = 0
+    for step in range(20):
+        together = builder.build_many(points, [np.random.default_rng([step, i]) for i in range(12)])
+        for i, (point, sample) in enumerate(zip(points, together)):
+            alone = builder.build(point, np.random.default_rng([step, i]))
+            assert alone.keys() == sample.keys()
+            for key, value in alone.items():
+                assert value.dtype == sample[key].dtype and np.array_equal(value, sample[key]), (step, i, key)
+            masked += int(sample["region_zeroed"].sum())
+    assert masked > 0

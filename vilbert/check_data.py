@@ -86,12 +86,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def seconds_per_batch(dataset: Dataset, collate: Callable, batch_size: int, batches: int) -> float:
-    """Mean time of ``__getitem__`` over a random batch plus its collate, as one loader worker does it."""
+    """Mean time of reading a random batch (``__getitems__`` where the dataset has it, else
+    ``__getitem__`` per index) plus its collate, as one loader worker does it."""
     rng = np.random.default_rng(0)
     size = min(batch_size, len(dataset))
+    read = getattr(dataset, "__getitems__", None) or (lambda indices: [dataset[i] for i in indices])
     start = time.perf_counter()
     for _ in range(batches):
-        collate([dataset[int(i)] for i in rng.choice(len(dataset), size=size, replace=False)])
+        collate(read([int(i) for i in rng.choice(len(dataset), size=size, replace=False)]))
     return (time.perf_counter() - start) / batches
 
 

@@ -6,7 +6,10 @@ region (mean of the real regions *after* masking, so masked content does not lea
 Samples are unpadded and carry the regions as the original features plus the MRM decision;
 :func:`collate_pretraining` applies the zeroing and the global region while writing the padded
 batch (one copy of the features, not two), padding to the batch's own longest caption and region
-count (dynamic padding) or to the configured maxima.
+count (dynamic padding) or to the configured maxima. A DataLoader worker asks for a whole batch
+(:meth:`ConceptCapDataset.__getitems__`): one read transaction, the region arithmetic done once for
+all its samples, and each record's values checked in the batch right after they are copied there,
+so the 0.3 MB of a record is read from memory once.
 
 Randomness: every sample draws from its own generator seeded by ``(seed, rank, epoch, index)``.
 That makes masks reproducible, different across ranks (per-rank part files reuse indices) and
@@ -23,7 +26,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,14 +38,15 @@ from vilbert.datasets.loader import batch_tensors, padded_length
 from vilbert.datasets.masking import (
     IGNORE_INDEX,
     bert_mask_tokens,
-    group_region_mask,
+    group_region_masks,
+    group_seeds,
     independent_region_mask,
     region_labels,
     span_mask_tokens,
 )
 from vilbert.datasets.rules import DataRules, check_rules
 from vilbert.datasets.shared_epoch import SharedEpoch
-from vilbert.datasets.validation import BOX_SLACK_PIXELS, check_region_record
+from vilbert.datasets.validation import BOX_SLACK_PIXELS, check_finite_rows, check_region_record
 from vilbert.errors import BadInputError
 from vilbert.tokenization import BertTokenizer
 
@@ -122,19 +126,17 @@ def _image_id_number(image_id: str) -> int:
 
 
 def check_datapoint(datapoint: PretrainDatapoint, path: str, key: bytes) -> None:
-    """Refuse a damaged record (non-finite values, boxes outside the image) naming file and key.
+    """Refuse a record whose counts, image size or boxes cannot be right, naming file and key.
 
-    A sum is finite only if every term is, so two sums and the box extremes clear a good record in
-    a few operations; the full check, which names the culprit, runs only on a suspect one.
+    The box extremes clear a good record in a few operations; the full check, which names the
+    culprit, runs only on a suspect one. The feature values are checked where they are copied into
+    the batch (:func:`collate_pretraining`), while they are in the cache, instead of being read twice.
     """
     n, image_w, image_h = int(datapoint.num_boxes), int(datapoint.image_w), int(datapoint.image_h)
     features, boxes, cls_prob = datapoint.features[:n], datapoint.boxes[:n], datapoint.cls_prob[:n]
     if n >= 1 and image_w > 0 and image_h > 0 and len(features) == len(boxes) == len(cls_prob) == n:
-        finite = np.isfinite(np.add.reduce(features, axis=None)) and np.isfinite(
-            np.add.reduce(cls_prob, axis=None)
-        )
         inside = boxes.min() >= -BOX_SLACK_PIXELS and boxes[:, 0::2].max() <= image_w + BOX_SLACK_PIXELS
-        if finite and inside and boxes[:, 1::2].max() <= image_h + BOX_SLACK_PIXELS:
+        if inside and boxes[:, 1::2].max() <= image_h + BOX_SLACK_PIXELS:
             return
     check_region_record(f"{path} key {key!r}", features, boxes, image_w, image_h, n, cls_prob)
 
@@ -211,26 +213,55 @@ class PretrainingSampleBuilder:
         """One unpadded sample. Regions are returned as the original features plus the MRM decision
         (``region_zeroed``) rather than as a masked copy: :func:`collate_pretraining` applies the
         zeroing and computes the global region while writing into the batch, so the 2048-d features
-        are copied once per sample instead of twice."""
+        are copied once per sample instead of twice. ``image_label`` marks the masked regions; the
+        published rule that a region stored as zeros is a target too is applied there as well (the
+        dataset's :meth:`~ConceptCapDataset.collate_fn` binds it), where the features are read."""
+        return self.build_many([datapoint], [rng])[0]
+
+    def build_many(
+        self, datapoints: Sequence[PretrainDatapoint], rngs: Sequence[np.random.Generator]
+    ) -> list[dict[str, np.ndarray]]:
+        """:meth:`build` of each datapoint with its own generator, the region arithmetic done once for
+        all of them. Each generator is drawn from in the same order as alone (region masks, the ITM
+        pair, the caption's masks), so a sample does not depend on the others it is built with."""
+        counts = [self._region_count(datapoint) for datapoint in datapoints]
+        locations = _region_locations(datapoints, counts)
+        if self.span_mask:
+            sizes = [(float(d.image_w), float(d.image_h)) for d in datapoints]
+            seeds = [group_seeds(n, rng) for n, rng in zip(counts, rngs)]
+            zeroed = targets = group_region_masks(locations, seeds, sizes)
+        else:
+            zeroed, targets = map(
+                list, zip(*(independent_region_mask(n, rng) for n, rng in zip(counts, rngs)))
+            )
+        samples = []
+        for datapoint, rng, n, location, decided, target in zip(
+            datapoints, rngs, counts, locations, zeroed, targets
+        ):
+            features = datapoint.features[:n]
+            samples.append(
+                {
+                    **self._text(datapoint, rng),
+                    "region_feat": features,
+                    "region_loc": location,
+                    "region_zeroed": decided,
+                    "image_target": features if self.predict_feature else datapoint.cls_prob[:n],
+                    "image_label": region_labels(target),
+                    "image_id": np.array(_image_id_number(datapoint.image_id), dtype=np.int64),
+                }
+            )
+        return samples
+
+    def _region_count(self, datapoint: PretrainDatapoint) -> int:
         num_boxes, rows = int(datapoint.num_boxes), len(datapoint.features)
         if num_boxes < 1 or rows < num_boxes:
             raise BadInputError(
                 f"image {datapoint.image_id!r}: num_boxes={num_boxes} with {rows} feature rows"
             )
-        n = min(num_boxes, self.region_len)
-        features = datapoint.features[:n]
-        image_w, image_h = float(datapoint.image_w), float(datapoint.image_h)
-        boxes = datapoint.boxes[:n]
-        region_loc = np.empty((n, 5), dtype=np.float32)
-        region_loc[:, :4] = boxes / np.array([image_w, image_h, image_w, image_h], dtype=np.float32)
-        region_loc[:, 4] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (image_w * image_h)
-        if self.span_mask:
-            region_zeroed = targets = group_region_mask(region_loc, n, rng, image_w, image_h)
-            if self.rules == "published":  # a region stored as zeros is a target too
-                targets = region_zeroed | ~features.any(axis=1)
-        else:
-            region_zeroed, targets = independent_region_mask(n, rng)
+        return min(num_boxes, self.region_len)
 
+    def _text(self, datapoint: PretrainDatapoint, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """The ITM pair's caption (w.p. ``itm_prob`` another image's) with its MSM masking."""
         is_next = int(rng.random() < self.itm_prob)
         caption = self.other_caption(datapoint.image_id, rng) if is_next else datapoint.caption
         tokens = self.tokens(caption)[: self.max_seq_length - 2]
@@ -241,18 +272,24 @@ class PretrainingSampleBuilder:
         input_ids[1:-1] = masked
         lm_label_ids = np.full(len(masked) + 2, IGNORE_INDEX, dtype=np.int64)
         lm_label_ids[1:-1] = labels
-
         return {
             "input_ids": input_ids,
             "lm_label_ids": lm_label_ids,
             "is_next": np.array(is_next, dtype=np.int64),
-            "region_feat": features,
-            "region_loc": region_loc,
-            "region_zeroed": region_zeroed,
-            "image_target": features if self.predict_feature else datapoint.cls_prob[:n],
-            "image_label": region_labels(targets),
-            "image_id": np.array(_image_id_number(datapoint.image_id), dtype=np.int64),
         }
+
+
+def _region_locations(datapoints: Sequence[PretrainDatapoint], counts: Sequence[int]) -> list[np.ndarray]:
+    """Each datapoint's first ``count`` boxes as the model's 5-d locations: corners over the image
+    size and the box's share of the image area (float32 [count, 5]), computed for all at once."""
+    boxes = np.concatenate([d.boxes[:n] for d, n in zip(datapoints, counts)])
+    sizes = np.array([(float(d.image_w), float(d.image_h)) for d in datapoints])
+    locations = np.empty((len(boxes), 5), dtype=np.float32)
+    locations[:, :4] = boxes / np.repeat(sizes[:, [0, 1, 0, 1]].astype(np.float32), counts, axis=0)
+    area = np.repeat((sizes[:, 0] * sizes[:, 1]).astype(np.float32), counts)
+    locations[:, 4] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / area
+    ends = np.cumsum(counts).tolist()
+    return [locations[end - n : end] for n, end in zip(counts, ends)]
 
 
 class ConceptCapDataset(Dataset):
@@ -307,20 +344,32 @@ class ConceptCapDataset(Dataset):
         self._epoch.set(epoch)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        if index < 0:
-            index += len(self)
-        datapoint = self.datapoints.view(index)
-        check_datapoint(datapoint, self.datapoints.path, self.datapoints.keys()[index])
-        return self.builder.build(datapoint, sample_rng(self.seed, self.rank, self.epoch, index))
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        """The samples of ``indices`` (a DataLoader worker asks for a whole batch): read in one
+        transaction, with one look at the shared epoch."""
+        indices = [index + len(self) if index < 0 else index for index in indices]
+        epoch, keys = self.epoch, self.datapoints.keys()
+        datapoints = self.datapoints.views(indices)
+        for index, datapoint in zip(indices, datapoints):
+            check_datapoint(datapoint, self.datapoints.path, keys[index])
+        rngs = [sample_rng(self.seed, self.rank, epoch, index) for index in indices]
+        samples = self.builder.build_many(datapoints, rngs)
+        for index, sample in zip(indices, samples):
+            sample["source"] = f"{self.datapoints.path} key {keys[index]!r}"  # named if its values are bad
+        return samples
 
     def collate_fn(self, dynamic_padding: bool = True, pad_to_multiple: int = 8) -> functools.partial:
-        """:func:`collate_pretraining` bound to this dataset's maxima (picklable for workers)."""
+        """:func:`collate_pretraining` bound to this dataset's maxima and rules (picklable for workers)."""
+        builder = self.builder
         return functools.partial(
             collate_pretraining,
             dynamic_padding=dynamic_padding,
             max_seq_length=self.max_seq_length,
             region_len=self.region_len,
             pad_to_multiple=pad_to_multiple,
+            zero_rows_are_targets=builder.span_mask and builder.rules == "published",
         )
 
 
@@ -348,12 +397,13 @@ def _batch_shape(
 
 
 def _batch_fields(
-    size: int, seq_len: int, num_regions: int, feat_dim: int, target_dim: int, labelled: tuple[int, int]
+    size: int, seq_len: int, num_regions: int, feat_dim: int, target_dim: int
 ) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """The batch's tensors; the two position lists get room for every position and are cut later."""
     f32, i64 = torch.float32, torch.int64
     return [
-        ("msm_positions", i64, (labelled[0],)),
-        ("mrm_positions", i64, (labelled[1],)),
+        ("msm_positions", i64, (size * seq_len,)),
+        ("mrm_positions", i64, (size * (num_regions - 1),)),
         ("input_ids", i64, (size, seq_len)),
         ("input_mask", i64, (size, seq_len)),
         ("segment_ids", i64, (size, seq_len)),
@@ -370,21 +420,40 @@ def _batch_fields(
 
 
 def _write_regions(
-    samples: Sequence[Mapping[str, np.ndarray]], image_feat: np.ndarray, image_target: np.ndarray
-) -> None:
+    samples: Sequence[Mapping[str, Any]],
+    image_feat: np.ndarray,
+    image_target: np.ndarray,
+    zero_rows_are_targets: bool,
+) -> list[np.ndarray]:
     """Each sample's regions with its MRM zeroing, the global region (row 0: the mean of the real
-    regions after masking) and zeroed padding, written straight into the batch arrays."""
+    regions after masking) and zeroed padding, written straight into the batch arrays; returns
+    each sample's MRM labels.
+
+    Each sample's values are checked in the batch right after they are copied there, while they are
+    in the cache, so the record is read from memory once. Under the published rule
+    ``zero_rows_are_targets`` (see ``datasets/rules.py``) a region stored as zeros is labelled too.
+    """
+    labels = []
     for i, sample in enumerate(samples):
-        features = sample["region_feat"]
+        features, target = sample["region_feat"], sample["image_target"]
+        source = sample.get("source") or f"sample {i} of the batch"
         n = len(features)
         regions = image_feat[i, 1 : n + 1]
         regions[...] = features
+        check_finite_rows(source, "features", regions)
+        image_target[i, :n] = target
+        if target is not features:  # the class scores (not the features again)
+            check_finite_rows(source, "cls_prob", image_target[i, :n])
+        label = sample["image_label"]
+        if zero_rows_are_targets:
+            label = np.where(sample["region_zeroed"] | ~(regions != 0).any(axis=1), 1, IGNORE_INDEX)
+        labels.append(label)
         regions[sample["region_zeroed"]] = 0
         np.add.reduce(regions, axis=0, out=image_feat[i, 0])
-        image_feat[i, 0] /= np.int64(n)
+        image_feat[i, 0] /= np.float32(n)  # bitwise the float64 quotient rounded, as published
         image_feat[i, n + 1 :] = 0
-        image_target[i, :n] = sample["image_target"]
         image_target[i, n:] = 0
+    return labels
 
 
 def _scatter_rows(target: np.ndarray, filled: np.ndarray, rows: list[np.ndarray], pad: int) -> None:
@@ -394,11 +463,12 @@ def _scatter_rows(target: np.ndarray, filled: np.ndarray, rows: list[np.ndarray]
 
 
 def collate_pretraining(
-    samples: Sequence[Mapping[str, np.ndarray]],
+    samples: Sequence[Mapping[str, Any]],
     dynamic_padding: bool = True,
     max_seq_length: int = 36,
     region_len: int = 36,
     pad_to_multiple: int = 8,
+    zero_rows_are_targets: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Pad and stack samples into the named pretraining batch, applying each sample's region masking.
 
@@ -411,7 +481,9 @@ def collate_pretraining(
     ``msm_positions`` and ``mrm_positions`` are the flat indices of the labelled tokens and of the
     regions MRM counts (``image_label == 1`` in a matched pair), found here on the host so the model
     can gather its heads' inputs on the device without a sync.
-    Every tensor is a view of one buffer, reused across batches in a DataLoader worker
+    Region values that are not finite are refused, naming the sample's ``source`` (file and key).
+    ``zero_rows_are_targets``: the published group-masking rule, a region stored as zeros is an MRM
+    target too. Every tensor is a view of one buffer, reused across batches in a DataLoader worker
     (:func:`~vilbert.datasets.loader.batch_tensors`).
     """
     if not samples:
@@ -424,19 +496,19 @@ def collate_pretraining(
     size = len(samples)
     feat_dim, target_dim = samples[0]["region_feat"].shape[1], samples[0]["image_target"].shape[1]
     longest, most = max(seq_len, max_seq_length), max(num_regions, region_len + 1)
-    largest = _batch_fields(size, longest, most, feat_dim, target_dim, (size * longest, size * (most - 1)))
+    largest = _batch_fields(size, longest, most, feat_dim, target_dim)
     batch = batch_tensors(
-        _batch_fields(size, seq_len, num_regions, feat_dim, target_dim, _labelled_counts(samples)),
+        _batch_fields(size, seq_len, num_regions, feat_dim, target_dim),
         capacity=sum(math.prod(shape) * dtype.itemsize + 64 for _, dtype, shape in largest),
     )
     arrays = {name: tensor.numpy() for name, tensor in batch.items()}
-    _write_regions(samples, arrays["image_feat"], arrays["image_target"])
+    labels = _write_regions(samples, arrays["image_feat"], arrays["image_target"], zero_rows_are_targets)
 
     text = np.arange(seq_len) < text_lengths[:, None]
     regions = np.arange(num_regions - 1) < region_counts[:, None]
     _scatter_rows(arrays["input_ids"], text, [s["input_ids"] for s in samples], 0)
     _scatter_rows(arrays["lm_label_ids"], text, [s["lm_label_ids"] for s in samples], IGNORE_INDEX)
-    _scatter_rows(arrays["image_label"], regions, [s["image_label"] for s in samples], IGNORE_INDEX)
+    _scatter_rows(arrays["image_label"], regions, labels, IGNORE_INDEX)
     image_loc = arrays["image_loc"]
     image_loc[:, 0] = GLOBAL_BOX
     image_loc[:, 1:][~regions] = 0
@@ -450,14 +522,12 @@ def collate_pretraining(
     arrays["multimodal_mask"][:, num_regions:] = text
     arrays["is_next"][...] = [int(s["is_next"]) for s in samples]
     arrays["image_id"][...] = [int(s["image_id"]) for s in samples]
-    arrays["msm_positions"][...] = np.flatnonzero(arrays["lm_label_ids"] != IGNORE_INDEX)
     counted = (arrays["image_label"] == 1) & (arrays["is_next"] == 0)[:, None]
-    arrays["mrm_positions"][...] = np.flatnonzero(counted)
+    for name, where in (
+        ("msm_positions", arrays["lm_label_ids"] != IGNORE_INDEX),
+        ("mrm_positions", counted),
+    ):
+        positions = np.flatnonzero(where)
+        arrays[name][: len(positions)] = positions
+        batch[name] = batch[name][: len(positions)]  # a view of the buffer, as long as the count
     return batch
-
-
-def _labelled_counts(samples: Sequence[Mapping[str, np.ndarray]]) -> tuple[int, int]:
-    """How many MSM labels and counted MRM regions (masked, in a matched pair) the batch holds."""
-    tokens = sum(int(np.count_nonzero(s["lm_label_ids"] != IGNORE_INDEX)) for s in samples)
-    regions = sum(int(np.count_nonzero(s["image_label"] == 1)) for s in samples if int(s["is_next"]) == 0)
-    return tokens, regions

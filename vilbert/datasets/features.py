@@ -438,16 +438,23 @@ class PretrainingLMDB(_LazyLMDB):
     def view(self, index: int) -> PretrainDatapoint:
         """Datapoint ``index`` whose arrays are read-only views of the memory map (each holds its read
         transaction open): what the pretraining dataset reads, copying each sample once, into the batch."""
+        return self.views([index])[0]
+
+    def views(self, indices: Sequence[int]) -> list[PretrainDatapoint]:
+        """:meth:`view` of each index, all read in one transaction (the batch of a DataLoader worker)."""
         keys = self.keys()
-        if not -len(keys) <= index < len(keys):
-            raise IndexError(f"index {index} out of range for {self.path} ({len(keys)} datapoints)")
-        key = keys[index]
+        for index in indices:
+            if not -len(keys) <= index < len(keys):
+                raise IndexError(f"index {index} out of range for {self.path} ({len(keys)} datapoints)")
         if self._env is None or self._env[0] != os.getpid():
             self._env = (os.getpid(), _readonly_env(self.path))
         # Zero-copy: the arrays are read-only views of the memory map that hold their transaction.
         with lmdb_errors_named(self.path):
             txn = self._env[1].begin(write=False, buffers=True)
-            raw = txn.get(key)
+            raws = [(keys[index], txn.get(keys[index])) for index in indices]
+        return [self._decode_view(key, raw, txn) for key, raw in raws]
+
+    def _decode_view(self, key: bytes, raw: memoryview | None, txn: lmdb.Transaction) -> PretrainDatapoint:
         if raw is None:
             raise LMDBFormatError(f"{self.path}: key {key!r} is listed in __keys__ but missing")
         what = f"{self.path} key {key!r}"

@@ -19,30 +19,37 @@ zeros was a target without being masked; here a label is 1 exactly when the regi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 IGNORE_INDEX = -1
 MASK_PROB = 0.8
 RANDOM_PROB = 0.1
 MIN_SPAN_TOKENS = 4
+GROUP_SEED_PROB = 0.1
 
 
 def _corrupt(
     token_ids: np.ndarray,
-    target: np.ndarray,
+    target: slice | np.ndarray,
     u: np.ndarray,
     rng: np.random.Generator,
     vocab_size: int,
     mask_id: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """BERT's 80/10/10 at the ``target`` positions, given one uniform draw ``u`` per token."""
+    """BERT's 80/10/10 at the ``target`` positions (a slice, or a boolean mask), given one uniform
+    draw ``u`` per token. The random replacements are drawn in position order."""
     input_ids = np.array(token_ids, dtype=np.int64)
-    labels = np.where(target, input_ids, IGNORE_INDEX)
-    input_ids[target & (u < MASK_PROB)] = mask_id
-    to_random = target & (u >= MASK_PROB) & (u < MASK_PROB + RANDOM_PROB)
+    labels = np.full(len(input_ids), IGNORE_INDEX, dtype=np.int64)
+    chosen, draws = input_ids[target], u[target]  # views for a slice, copies for a mask
+    labels[target] = chosen
+    chosen[draws < MASK_PROB] = mask_id
+    to_random = (draws >= MASK_PROB) & (draws < MASK_PROB + RANDOM_PROB)
     count = np.count_nonzero(to_random)
     if count:  # skipping an empty draw saves ~10 us per caption
-        input_ids[to_random] = rng.integers(vocab_size, size=count)
+        chosen[to_random] = rng.integers(vocab_size, size=count)
+    input_ids[target] = chosen
     return input_ids, labels
 
 
@@ -58,9 +65,7 @@ def span_mask_tokens(
         return np.array(token_ids, dtype=np.int64), np.full(n, IGNORE_INDEX, dtype=np.int64)
     start = int(rng.integers(0, n + 1))
     length = int(rng.integers(1, n + 1))
-    target = np.zeros(n, dtype=bool)
-    target[start : start + length] = True
-    return _corrupt(token_ids, target, rng.random(n), rng, vocab_size, mask_id)
+    return _corrupt(token_ids, slice(start, start + length), rng.random(n), rng, vocab_size, mask_id)
 
 
 def bert_mask_tokens(
@@ -72,17 +77,13 @@ def bert_mask_tokens(
     return _corrupt(token_ids, u < mask_prob, u / mask_prob, rng, vocab_size, mask_id)
 
 
-def _pixel(image_w: float, image_h: float) -> np.ndarray:
-    return np.array([1.0 / float(image_w), 1.0 / float(image_h)])
-
-
 def group_region_mask(
     boxes_norm: np.ndarray,
     num_real: int,
     rng: np.random.Generator,
     image_w: float,
     image_h: float,
-    p: float = 0.1,
+    p: float = GROUP_SEED_PROB,
     iou_threshold: float = 0.4,
 ) -> np.ndarray:
     """Which of the first ``num_real`` regions group masking zeroes (bool [num_real]).
@@ -91,25 +92,54 @@ def group_region_mask(
     masked. Masking whole overlapping neighbourhoods stops the model from copying a masked region's
     content from a near-duplicate box.
     """
-    seeds = rng.random(num_real) < p
-    if not seeds.any():
-        return seeds
-    # Pairwise IoU of the seeds with every region, +1 pixel on widths and heights (so a box overlaps
-    # itself with IoU 1), the box sizes computed once.
-    boxes = np.asarray(boxes_norm[:num_real, :4], dtype=np.float64)
-    pixel = _pixel(image_w, image_h)
-    rows = boxes[seeds]
-    overlap = np.minimum(rows[:, None, 2:], boxes[None, :, 2:])
-    overlap -= np.maximum(rows[:, None, :2], boxes[None, :, :2])
-    overlap += pixel
+    seeds = group_seeds(num_real, rng, p)
+    return group_region_masks([boxes_norm[:num_real]], [seeds], [(image_w, image_h)], iou_threshold)[0]
+
+
+def group_seeds(num_real: int, rng: np.random.Generator, p: float = GROUP_SEED_PROB) -> np.ndarray:
+    """The seeds of group masking: each real region w.p. ``p`` (the generator's first draw)."""
+    return rng.random(num_real) < p
+
+
+def group_region_masks(
+    boxes_norm: Sequence[np.ndarray],
+    seeds: Sequence[np.ndarray],
+    sizes: Sequence[tuple[float, float]],
+    iou_threshold: float = 0.4,
+) -> list[np.ndarray]:
+    """:func:`group_region_mask` of several images at once, given each one's drawn ``seeds``.
+
+    Every seed of every image is one row of the same few array operations, so a batch costs about
+    what one image does. Pairwise IoU uses +1 pixel on widths and heights (a box overlaps itself
+    with IoU 1), in float64.
+    """
+    masks = [np.array(s, dtype=bool) for s in seeds]
+    owners = [i for i, s in enumerate(masks) if s.any()]
+    if not owners:
+        return masks
+    width = max(len(masks[i]) for i in owners)
+    boxes, seeded = np.zeros((len(owners), width, 4)), np.zeros((len(owners), width), dtype=bool)
+    for row, i in enumerate(owners):
+        boxes[row, : len(masks[i])] = boxes_norm[i][:, :4]
+        seeded[row, : len(masks[i])] = masks[i]
+    pixel = np.array([[1.0 / float(sizes[i][0]), 1.0 / float(sizes[i][1])] for i in owners])
+    owner, seed = np.nonzero(seeded)
+    rows, columns, seed_pixel = boxes[owner, seed][:, None, :], boxes[owner], pixel[owner][:, None, :]
+    overlap = np.minimum(rows[..., 2:], columns[..., 2:])
+    overlap -= np.maximum(rows[..., :2], columns[..., :2])
+    overlap += seed_pixel
     np.maximum(overlap, 0.0, out=overlap)
     inter = overlap[..., 0] * overlap[..., 1]
-    extent = boxes[:, 2:] - boxes[:, :2]
-    extent += pixel
-    area = extent[:, 0] * extent[:, 1]
-    union = area[seeds][:, None] + area
+    extent = boxes[..., 2:] - boxes[..., :2]
+    extent += pixel[:, None, :]
+    area = extent[..., 0] * extent[..., 1]
+    union = area[owner, seed][:, None] + area[owner]
     union -= inter
-    return (inter / union >= iou_threshold).any(axis=0)
+    hit = np.zeros((len(owners), width), dtype=bool)
+    np.logical_or.at(hit, owner, inter / union >= iou_threshold)
+    for row, i in enumerate(owners):
+        masks[i] = hit[row, : len(masks[i])]
+    return masks
 
 
 def independent_region_mask(

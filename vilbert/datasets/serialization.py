@@ -21,7 +21,7 @@ import math
 import pickle
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import msgpack_numpy
@@ -192,9 +192,37 @@ _NDARRAY_MAP = 0x85  # msgpack-numpy's map: nd, type, kind, shape, data (data la
 _DATA_KEY = b"\xc4\x04data"
 _EMPTY_BIN = b"\xc4\x00"
 _BIN_LENGTH = {0xC4: struct.Struct(">B"), 0xC5: struct.Struct(">H"), 0xC6: struct.Struct(">I")}
-_HEADER_BYTES = 256
+_HEADER_BYTES = 256  # a msgpack-numpy map's fields before its data are far shorter
+_MAX_CACHED_HEADERS = 4096
 _NDARRAY_FIELDS = frozenset({b"nd", b"type", b"kind", b"shape", b"data"})
-_DTYPES: dict[str, np.dtype] = {}  # a msgpack-numpy map's fields before its data are far shorter
+
+
+class _ArrayHeader(NamedTuple):
+    """What the fields of one msgpack-numpy map say: dtype, shape, and where its data starts."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    length: int  # bytes of data
+    size: int  # bytes of the map before its data
+
+
+# A dataset's arrays share a handful of headers (one per dtype and shape): the same bytes always
+# decode to the same fields, so each distinct header is parsed and checked once.
+_HEADERS: dict[bytes, _ArrayHeader] = {}
+
+
+def _parse_header(head: bytes, cut: int, length_format: struct.Struct) -> _ArrayHeader:
+    """The fields of the map whose bytes up to its data's bin header are ``head[:cut]``."""
+    (length,) = length_format.unpack_from(head, cut + 1)
+    fields = msgpack.unpackb(head[:cut] + _EMPTY_BIN, raw=False, strict_map_key=False)
+    if fields.keys() != _NDARRAY_FIELDS or fields[b"nd"] is not True or fields[b"kind"] != b"":
+        raise _NotPlainLayout("not a plain msgpack-numpy array")  # e.g. structured dtypes
+    dtype, shape = _array_dtype(fields[b"type"]), fields[b"shape"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise _NotPlainLayout("array shape is not a list of sizes")
+    if dtype.itemsize == 0 or math.prod(shape) * dtype.itemsize != length:
+        raise _NotPlainLayout("array data does not match its shape")
+    return _ArrayHeader(dtype, tuple(shape), length, cut + 1 + length_format.size)
 
 
 def _ndarray_view(view: memoryview, pos: int) -> tuple[np.ndarray, int]:
@@ -211,18 +239,18 @@ def _ndarray_view(view: memoryview, pos: int) -> tuple[np.ndarray, int]:
     length_format = _BIN_LENGTH.get(head[cut])
     if length_format is None or cut + 1 + length_format.size > len(head):
         raise _NotPlainLayout("array data is not a bin")
-    (length,) = length_format.unpack_from(head, cut + 1)
-    fields = msgpack.unpackb(head[:cut] + _EMPTY_BIN, raw=False, strict_map_key=False)
-    start = pos + cut + 1 + length_format.size
-    if fields.keys() != _NDARRAY_FIELDS or fields[b"nd"] is not True or fields[b"kind"] != b"":
-        raise _NotPlainLayout("not a plain msgpack-numpy array")  # e.g. structured dtypes
-    dtype = _DTYPES.get(fields[b"type"])
-    if dtype is None:
-        dtype = _DTYPES.setdefault(fields[b"type"], _array_dtype(fields[b"type"]))
-    shape = fields[b"shape"]
-    if start + length > len(view) or math.prod(shape) * dtype.itemsize != length:
+    key = head[: cut + 1 + length_format.size]  # every byte before the data
+    header = _HEADERS.get(key)
+    if header is None:
+        header = _parse_header(head, cut, length_format)
+        if len(_HEADERS) >= _MAX_CACHED_HEADERS:
+            _HEADERS.clear()
+        _HEADERS[key] = header
+    start = pos + header.size
+    if start + header.length > len(view):
         raise _NotPlainLayout("array data does not match its shape")
-    return np.frombuffer(view[start : start + length], dtype=dtype).reshape(shape), start + length
+    data = np.frombuffer(view, dtype=header.dtype, count=header.length // header.dtype.itemsize, offset=start)
+    return data.reshape(header.shape), start + header.length
 
 
 def _array_dtype(name: Any) -> np.dtype:

@@ -2,9 +2,11 @@
 
 A NaN in one image's features, an ``image_w`` of 0 or boxes far outside the image do not fail
 anywhere by themselves: they surface much later as "non-finite loss: step skipped", with no image
-named. Every decoded record is therefore checked once, where it is decoded, and a bad one is named
-by file and key. The default is to refuse it (:class:`BadRecordError`, a bad-input error); with
-``on_bad_record="skip"`` the record is left out, each skip logged as a counted warning.
+named. Every decoded record is therefore checked once, where it is decoded (the pretraining
+loader checks a record's values where its collate copies them into the batch, so that they are read
+once), and a bad one is named by file and key. The default is to refuse it (:class:`BadRecordError`,
+a bad-input error); with ``on_bad_record="skip"`` the record is left out, each skip logged as a
+counted warning.
 """
 
 from __future__ import annotations
@@ -101,6 +103,18 @@ def check_region_record(
     problem = region_record_problem(features, boxes, image_w, image_h, num_boxes, cls_prob, slack)
     if problem is not None:
         raise BadRecordError(f"{where}: {problem}")
+
+
+def check_finite_rows(where: str, name: str, rows: np.ndarray) -> None:
+    """Raise :class:`BadRecordError` ``"WHERE: NAME holds a non-finite value ... in region R"``.
+
+    The largest and smallest values are finite only if every value is (NaN propagates through both),
+    so two vectorised reductions clear good rows; only suspect rows are looked at one by one.
+    """
+    if rows.size and not (
+        np.isfinite(np.maximum.reduce(rows, axis=None)) and np.isfinite(np.minimum.reduce(rows, axis=None))
+    ):
+        raise BadRecordError(f"{where}: {_rows_problem(name, rows, len(rows), None)}")
 
 
 class BadRecordCounter:
