@@ -15,7 +15,12 @@ from tests.conftest import ROOT, task_world
 from vilbert.check_data import main
 from vilbert.config import BertConfig
 from vilbert.data_checks import DataProblemError, RunShape, layout_problems, require_task_data
-from vilbert.datasets.features import RegionFeatureStore, write_region_features
+from vilbert.datasets.features import (
+    PretrainingLMDB,
+    RegionFeatureStore,
+    write_pretraining_lmdb,
+    write_region_features,
+)
 from vilbert.datasets.hard_negatives import write_hard_negatives
 from vilbert.datasets.jsonl import read_jsonl, write_jsonl
 from vilbert.datasets.retrieval import load_retrieval_annotations
@@ -133,6 +138,20 @@ def test_missing_caption(world, capsys):
     lmdb = os.path.join(world, "conceptual_captions", "training_feat_all.lmdb")
     (line,) = assert_problems(world, capsys, path, lmdb)
     assert line.endswith("1 of 2 sampled images of " + lmdb + " have no caption: 0")
+
+
+def test_damaged_pretraining_record(world, capsys):
+    """The doctor reads every value of the sampled records, the rows no batch reads included."""
+    lmdb = os.path.join(world, "conceptual_captions", "training_feat_all.lmdb")
+    points = [PretrainingLMDB(lmdb)[i] for i in range(len(PretrainingLMDB(lmdb)))]
+    points[1].cls_prob[-1, 0] = np.inf
+    os.remove(lmdb)
+    write_pretraining_lmdb(lmdb, points)
+    last = points[1].num_boxes - 1
+    (line,) = assert_problems(world, capsys, lmdb, f"image {points[1].image_id}")
+    assert line.endswith(
+        f"cls_prob holds a non-finite value (NaN or Inf) in region {last} (1 of 2 sampled images)"
+    )
 
 
 def test_bad_object_reference(world, capsys):

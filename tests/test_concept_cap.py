@@ -133,13 +133,12 @@ def test_batch_keys_shapes_dtypes_and_padding(data_dir: Path, tokenizer: BertTok
         "is_next": ((6,), (6,), torch.int64),
         "image_feat": ((6, regions, FEAT), (6, 31, FEAT), torch.float32),
         "image_loc": ((6, regions, 5), (6, 31, 5), torch.float32),
-        "image_target": ((6, regions - 1, CLASSES), (6, 30, CLASSES), torch.float32),
         "image_label": ((6, regions - 1), (6, 30), torch.int64),
         "image_mask": ((6, regions), (6, 31), torch.int64),
         "multimodal_mask": ((6, regions + text_len), (6, 31 + 10), torch.int64),
         "image_id": ((6,), (6,), torch.int64),
     }
-    assert set(dynamic) == set(expected) | {"msm_positions", "mrm_positions"} == set(fixed)
+    assert set(dynamic) == set(expected) | {"msm_positions", "mrm_positions", "mrm_targets"} == set(fixed)
     for batch in (dynamic, fixed):  # the flat indices of what the labels select, found on the host
         labels = batch["lm_label_ids"]
         counted = (batch["image_label"] == 1) & (batch["is_next"] == 0)[:, None]
@@ -147,6 +146,12 @@ def test_batch_keys_shapes_dtypes_and_padding(data_dir: Path, tokenizer: BertTok
         assert torch.equal(batch["msm_positions"], torch.nonzero((labels != -1).flatten()).flatten())
         assert torch.equal(batch["mrm_positions"], torch.nonzero(counted.flatten()).flatten())
         assert len(batch["msm_positions"]) > 0 and len(batch["mrm_positions"]) > 0
+        # The MRM targets of exactly the counted regions, in that order: the rows of the detector's
+        # class scores that the loss reads (the published [B, R - 1, classes] target at those rows).
+        sample, region = np.divmod(batch["mrm_positions"].numpy(), counted.shape[1])
+        rows = [samples[i]["image_target"][r] for i, r in zip(sample, region)]
+        assert batch["mrm_targets"].dtype == torch.float32
+        np.testing.assert_array_equal(batch["mrm_targets"].numpy(), np.stack(rows))
     for name, (dynamic_shape, fixed_shape, dtype) in expected.items():
         assert tuple(dynamic[name].shape) == dynamic_shape and dynamic[name].dtype == dtype, name
         assert tuple(fixed[name].shape) == fixed_shape and fixed[name].dtype == dtype, name
@@ -157,7 +162,6 @@ def test_batch_keys_shapes_dtypes_and_padding(data_dir: Path, tokenizer: BertTok
         "lm_label_ids",
         "image_feat",
         "image_loc",
-        "image_target",
         "image_label",
     ):
         width = dynamic[name].shape[1]

@@ -94,13 +94,30 @@ def batches_of(dataset: ConceptCapDataset, golden, dynamic: bool, workers: int, 
     return [{key: value.numpy().copy() for key, value in batch.items()} for batch in loader]
 
 
+def assert_counted_targets(name: str, batch: dict, golden, stored: str) -> None:
+    """``mrm_targets`` against the golden ``image_target`` it replaces: that target's rows at the
+    counted regions, which are the rows of the source datapoints' class scores (or features)."""
+    counted = (batch["image_label"] == 1) & (batch["is_next"] == 0)[:, None]
+    targets = batch.pop("mrm_targets")
+    field = "features" if CONFIGS[name][0].get("predict_feature") else "cls_prob"
+    points = {point.image_id: getattr(point, field) for point in golden_points(golden)}
+    images, regions = np.nonzero(counted)
+    expected = [points[str(batch["image_id"][i])][r] for i, r in zip(images, regions)]
+    width = next(iter(points.values())).shape[1]
+    np.testing.assert_array_equal(targets, np.array(expected, dtype=np.float32).reshape(-1, width))
+    if stored in golden:
+        np.testing.assert_array_equal(targets, golden[stored][counted])
+
+
 def assert_golden(name: str, epoch: int, batches: list[dict], golden) -> None:
     digests = json.loads(str(golden["digests"]))
     for number, batch in enumerate(batches):
-        # Not in the golden files (added later): the flat indices of what the golden labels select.
+        # Not in the golden files (added later): the flat indices of what the golden labels select,
+        # and the counted regions' targets in place of the whole image_target.
         np.testing.assert_array_equal(batch.pop("msm_positions"), np.flatnonzero(batch["lm_label_ids"] != -1))
         counted = (batch["image_label"] == 1) & (batch["is_next"] == 0)[:, None]
         np.testing.assert_array_equal(batch.pop("mrm_positions"), np.flatnonzero(counted))
+        assert_counted_targets(name, batch, golden, f"batch/{name}/{epoch}/{number}/image_target")
         for key, value in batch.items():
             stored = f"batch/{name}/{epoch}/{number}/{key}"
             if stored in golden:  # arrays kept for one configuration: a failure shows the difference

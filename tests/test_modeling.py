@@ -179,6 +179,40 @@ def test_losses_hand_computed():
     torch.testing.assert_close(losses.itm, F.cross_entropy(scores.itm, itm), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("predict_feature", [False, True])
+@pytest.mark.parametrize("gather", [True, False], ids=["gathered", "full"])
+def test_counted_targets_give_the_losses_and_gradients_of_the_full_target(gather, predict_feature):
+    """The collate's ``mrm_targets`` (the counted regions' rows, in ``mrm_positions`` order) in
+    place of the published ``[B, R - 1, D]`` ``image_target``: bitwise the same losses and gradients,
+    with the heads gathered or run everywhere (where the rows are scattered into zeros)."""
+    config = tiny_config(predict_feature=predict_feature)
+    batch = random_batch(config)
+    lm, image_label, target = _labels(config, batch)
+    if predict_feature:
+        target = torch.randn(*image_label.shape, config.v_feature_size)
+    itm = torch.tensor([0, 1, 0])
+    counted = (image_label == 1) & (itm == 0)[:, None]
+    positions = torch.nonzero(counted.flatten()).flatten()
+    forms = {
+        "full": dict(image_target=target),
+        "counted": dict(mrm_targets=target[counted], mrm_positions=positions),
+        "counted, no positions": dict(mrm_targets=target[counted]),
+    }
+    results = {}
+    for name, targets in forms.items():
+        torch.manual_seed(0)
+        model = InterBertForMultiModalPreTraining(config).eval()
+        model.gather_heads = gather
+        losses = model(
+            **batch, masked_lm_labels=lm, image_label=image_label, next_sentence_label=itm, **targets
+        )
+        losses.mrm.backward()
+        results[name] = (losses.mrm, [p.grad for p in model.parameters() if p.grad is not None])
+    for name in ("counted", "counted, no positions"):
+        assert torch.equal(results[name][0], results["full"][0]), name
+        assert all(torch.equal(a, b) for a, b in zip(results[name][1], results["full"][1])), name
+
+
 def test_gathered_heads_match_full_heads_losses_and_gradients():
     config = tiny_config()
     batch = random_batch(config)

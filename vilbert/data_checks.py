@@ -23,6 +23,7 @@ from vilbert.config import BertConfig
 from vilbert.datasets.concept_cap import load_caption_json, pretraining_files
 from vilbert.datasets.features import MissingImageError, PretrainingLMDB, RegionFeatures, RegionFeatureStore
 from vilbert.datasets.retrieval import load_hard_negative_pool, load_retrieval_annotations
+from vilbert.datasets.validation import region_record_problem
 from vilbert.datasets.vcr import VCR_TASKS, VCRExample, load_vcr_annotations
 from vilbert.errors import BadInputError
 from vilbert.tasks import (
@@ -456,6 +457,12 @@ def _datapoint_checks(
         where = f"{lmdb.path} image {point.image_id}"
         if point.image_id not in captions:
             uncaptioned.append(point.image_id)
+        # Every value, the rows no batch reads included (the loader checks those it copies).
+        problem = region_record_problem(
+            point.features, point.boxes, point.image_w, point.image_h, point.num_boxes, point.cls_prob
+        )
+        if problem is not None:
+            problems.add("record", f"{where}: {problem}")
         for kind, line in layout_problems(
             where, point.features.shape[1], point.boxes, point.image_w, point.image_h, shape
         ):

@@ -457,6 +457,40 @@ def _gather(values: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | 
     return values.reshape(mask.numel(), *values.shape[mask.dim() :]).index_select(0, positions)
 
 
+@dataclass
+class MRMTargets:
+    """The MRM targets in either form: every region's (``full``: ``[B, R - 1, D]``, the published
+    ``image_target``) or the counted regions' only (``counted``: ``[M, D]`` in ``positions`` order,
+    the collate's ``mrm_targets``). Either gives both views, with the same values where MRM counts."""
+
+    full_targets: torch.Tensor | None
+    counted_targets: torch.Tensor | None
+    positions: torch.Tensor | None
+
+    @property
+    def given(self) -> bool:
+        return self.full_targets is not None or self.counted_targets is not None
+
+    def gathered(self, counted: torch.Tensor) -> torch.Tensor:
+        """The targets of the ``counted`` regions, in flat order."""
+        if self.counted_targets is not None:
+            return self.counted_targets
+        return _gather(self.full_targets, counted, self.positions)
+
+    def full(self, counted: torch.Tensor) -> torch.Tensor:
+        """``[B, R - 1, D]`` targets; from the counted rows alone, zeros elsewhere (a loss weighted by
+        ``counted`` reads no other row)."""
+        if self.full_targets is not None:
+            return self.full_targets
+        rows = self.counted_targets
+        full = rows.new_zeros(counted.numel(), rows.shape[-1])
+        if self.positions is None:
+            full[counted.reshape(-1)] = rows
+        else:
+            full.index_copy_(0, self.positions, rows)
+        return full.view(*counted.shape, rows.shape[-1])
+
+
 class InterBertForMultiModalPreTraining(InterBertPreTrainedModel):
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
@@ -484,11 +518,14 @@ class InterBertForMultiModalPreTraining(InterBertPreTrainedModel):
         itm_only: bool = False,
         msm_positions: torch.Tensor | None = None,
         mrm_positions: torch.Tensor | None = None,
+        mrm_targets: torch.Tensor | None = None,
     ) -> PreTrainingLosses | PreTrainingScores:
         """With all labels: the three losses; without: the scores (``itm_only`` skips the big heads).
 
         ``msm_positions`` / ``mrm_positions``: flat indices of the labelled tokens and counted regions
         (the collate's), so the gathered heads need no host sync; without them the masks are used.
+        ``mrm_targets``: the targets of the counted regions only, in ``mrm_positions`` order (the
+        collate's), in place of ``image_target``; the losses are the same.
         """
         out = self.bert(
             input_ids,
@@ -501,13 +538,12 @@ class InterBertForMultiModalPreTraining(InterBertPreTrainedModel):
             output_attentions,
         )
         itm_scores = self.cls.itm(out)
-        labelled = masked_lm_labels is not None and image_label is not None and image_target is not None
+        targets = MRMTargets(image_target, mrm_targets, mrm_positions)
+        labelled = masked_lm_labels is not None and image_label is not None and targets.given
         if labelled and next_sentence_label is not None:
             return PreTrainingLosses(
                 msm=self._msm_loss(out.sequence_output_t, masked_lm_labels, msm_positions),
-                mrm=self._mrm_loss(
-                    out.sequence_output_v, image_label, image_target, next_sentence_label, mrm_positions
-                ),
+                mrm=self._mrm_loss(out.sequence_output_v, image_label, targets, next_sentence_label),
                 itm=F.cross_entropy(itm_scores.view(-1, 2), next_sentence_label.view(-1), ignore_index=-1),
             )
         if itm_only:
@@ -537,22 +573,17 @@ class InterBertForMultiModalPreTraining(InterBertPreTrainedModel):
         return total / selected.sum().clamp(min=1)
 
     def _mrm_loss(
-        self,
-        image: torch.Tensor,
-        label: torch.Tensor,
-        target: torch.Tensor,
-        itm_label: torch.Tensor,
-        positions: torch.Tensor | None = None,
+        self, image: torch.Tensor, label: torch.Tensor, targets: MRMTargets, itm_label: torch.Tensor
     ) -> torch.Tensor:
         """KL (or MSE with predict_feature) at masked regions of matched pairs only; region 0 dropped."""
         counted = (label == 1) & (itm_label == 0)[:, None]
         regions = image[:, 1:]
         if self.gather_heads:
-            prediction = self.cls.imagePredictions(_gather(regions, counted, positions)).float()
-            target, weight = _gather(target, counted, positions).float(), None
+            prediction = self.cls.imagePredictions(_gather(regions, counted, targets.positions)).float()
+            target, weight = targets.gathered(counted).float(), None
         else:
             prediction = self.cls.imagePredictions(regions).float()
-            weight = counted.unsqueeze(2).float()
+            target, weight = targets.full(counted), counted.unsqueeze(2).float()
         if self.predict_feature:
             per_element = F.mse_loss(prediction, target.float(), reduction="none")
         else:

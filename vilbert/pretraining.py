@@ -188,10 +188,11 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         multimodal_mask=batch["multimodal_mask"],
         masked_lm_labels=batch["lm_label_ids"],
         image_label=batch["image_label"],
-        image_target=batch["image_target"],
+        image_target=batch.get("image_target"),
         next_sentence_label=batch["is_next"],
         msm_positions=batch.get("msm_positions"),
         mrm_positions=batch.get("mrm_positions"),
+        mrm_targets=batch.get("mrm_targets"),
     )
 
 

@@ -399,7 +399,8 @@ def _batch_shape(
 def _batch_fields(
     size: int, seq_len: int, num_regions: int, feat_dim: int, target_dim: int
 ) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    """The batch's tensors; the two position lists get room for every position and are cut later."""
+    """The batch's tensors; the position lists and ``mrm_targets`` get room for every position and
+    are cut to their counts later."""
     f32, i64 = torch.float32, torch.int64
     return [
         ("msm_positions", i64, (size * seq_len,)),
@@ -411,7 +412,7 @@ def _batch_fields(
         ("is_next", i64, (size,)),
         ("image_feat", f32, (size, num_regions, feat_dim)),
         ("image_loc", f32, (size, num_regions, 5)),
-        ("image_target", f32, (size, num_regions - 1, target_dim)),
+        ("mrm_targets", f32, (size * (num_regions - 1), target_dim)),
         ("image_label", i64, (size, num_regions - 1)),
         ("image_mask", i64, (size, num_regions)),
         ("multimodal_mask", i64, (size, num_regions + seq_len)),
@@ -422,18 +423,19 @@ def _batch_fields(
 def _write_regions(
     samples: Sequence[Mapping[str, Any]],
     image_feat: np.ndarray,
-    image_target: np.ndarray,
+    mrm_targets: np.ndarray,
     zero_rows_are_targets: bool,
-) -> list[np.ndarray]:
+) -> tuple[list[np.ndarray], int]:
     """Each sample's regions with its MRM zeroing, the global region (row 0: the mean of the real
-    regions after masking) and zeroed padding, written straight into the batch arrays; returns
-    each sample's MRM labels.
+    regions after masking) and zeroed padding, written straight into the batch arrays, and the
+    targets of the regions MRM counts (masked, in a matched pair) into ``mrm_targets``. Returns each
+    sample's MRM labels and how many targets were written.
 
     Each sample's values are checked in the batch right after they are copied there, while they are
     in the cache, so the record is read from memory once. Under the published rule
     ``zero_rows_are_targets`` (see ``datasets/rules.py``) a region stored as zeros is labelled too.
     """
-    labels = []
+    labels, written = [], 0
     for i, sample in enumerate(samples):
         features, target = sample["region_feat"], sample["image_target"]
         source = sample.get("source") or f"sample {i} of the batch"
@@ -441,19 +443,22 @@ def _write_regions(
         regions = image_feat[i, 1 : n + 1]
         regions[...] = features
         check_finite_rows(source, "features", regions)
-        image_target[i, :n] = target
-        if target is not features:  # the class scores (not the features again)
-            check_finite_rows(source, "cls_prob", image_target[i, :n])
         label = sample["image_label"]
         if zero_rows_are_targets:
             label = np.where(sample["region_zeroed"] | ~(regions != 0).any(axis=1), 1, IGNORE_INDEX)
         labels.append(label)
+        if int(sample["is_next"]) == 0:
+            counted = np.flatnonzero(label == 1)
+            rows = mrm_targets[written : written + len(counted)]
+            np.take(target, counted, axis=0, out=rows)
+            if target is not features:  # the class scores (not the features again)
+                check_finite_rows(source, "cls_prob", rows)
+            written += len(counted)
         regions[sample["region_zeroed"]] = 0
         np.add.reduce(regions, axis=0, out=image_feat[i, 0])
         image_feat[i, 0] /= np.float32(n)  # bitwise the float64 quotient rounded, as published
         image_feat[i, n + 1 :] = 0
-        image_target[i, n:] = 0
-    return labels
+    return labels, written
 
 
 def _scatter_rows(target: np.ndarray, filled: np.ndarray, rows: list[np.ndarray], pad: int) -> None:
@@ -477,10 +482,13 @@ def collate_pretraining(
     features/boxes, label -1. With ``dynamic_padding`` the batch is as long as its longest caption
     and region list (the global one included) rounded up to ``pad_to_multiple`` positions, never
     past the fixed padding; otherwise ``max_seq_length`` tokens and ``region_len + 1`` regions.
-    ``image_target`` and ``image_label`` cover the real regions only (one fewer than ``image_feat``).
+    ``image_label`` covers the real regions only (one fewer than ``image_feat``).
     ``msm_positions`` and ``mrm_positions`` are the flat indices of the labelled tokens and of the
     regions MRM counts (``image_label == 1`` in a matched pair), found here on the host so the model
-    can gather its heads' inputs on the device without a sync.
+    can gather its heads' inputs on the device without a sync. ``mrm_targets`` holds the MRM targets
+    (class scores, or features with ``predict_feature``) of those regions only, in that order: the
+    loss reads no other row, and the published ``[B, R - 1, classes]`` target would be nearly half
+    of the batch's bytes, almost all never read.
     Region values that are not finite are refused, naming the sample's ``source`` (file and key).
     ``zero_rows_are_targets``: the published group-masking rule, a region stored as zeros is an MRM
     target too. Every tensor is a view of one buffer, reused across batches in a DataLoader worker
@@ -502,7 +510,9 @@ def collate_pretraining(
         capacity=sum(math.prod(shape) * dtype.itemsize + 64 for _, dtype, shape in largest),
     )
     arrays = {name: tensor.numpy() for name, tensor in batch.items()}
-    labels = _write_regions(samples, arrays["image_feat"], arrays["image_target"], zero_rows_are_targets)
+    labels, targets = _write_regions(
+        samples, arrays["image_feat"], arrays["mrm_targets"], zero_rows_are_targets
+    )
 
     text = np.arange(seq_len) < text_lengths[:, None]
     regions = np.arange(num_regions - 1) < region_counts[:, None]
@@ -530,4 +540,5 @@ def collate_pretraining(
         positions = np.flatnonzero(where)
         arrays[name][: len(positions)] = positions
         batch[name] = batch[name][: len(positions)]  # a view of the buffer, as long as the count
+    batch["mrm_targets"] = batch["mrm_targets"][:targets]
     return batch
