@@ -450,7 +450,7 @@ def _write_regions(
         if int(sample["is_next"]) == 0:
             counted = np.flatnonzero(label == 1)
             rows = mrm_targets[written : written + len(counted)]
-            np.take(target, counted, axis=0, out=rows)
+            rows[...] = target[counted]
             if target is not features:  # the class scores (not the features again)
                 check_finite_rows(source, "cls_prob", rows)
             written += len(counted)
