@@ -459,9 +459,10 @@ def _gather(values: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | 
 
 @dataclass
 class MRMTargets:
-    """The MRM targets in either form: every region's (``full``: ``[B, R - 1, D]``, the published
-    ``image_target``) or the counted regions' only (``counted``: ``[M, D]`` in ``positions`` order,
-    the collate's ``mrm_targets``). Either gives both views, with the same values where MRM counts."""
+    """The MRM targets in either form: every region's (``full_targets``: ``[B, R - 1, D]``, the
+    published ``image_target``) or the counted regions' only (``counted_targets``: ``[M, D]`` in
+    ``positions`` order, the collate's ``mrm_targets``). Either gives both views, with the same
+    values where MRM counts."""
 
     full_targets: torch.Tensor | None
     counted_targets: torch.Tensor | None

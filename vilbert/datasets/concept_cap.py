@@ -9,7 +9,7 @@ batch (one copy of the features, not two), padding to the batch's own longest ca
 count (dynamic padding) or to the configured maxima. A DataLoader worker asks for a whole batch
 (:meth:`ConceptCapDataset.__getitems__`): one read transaction, the region arithmetic done once for
 all its samples, and each record's values checked in the batch right after they are copied there,
-so the 0.3 MB of a record is read from memory once.
+so its features are read from memory once, and its class scores only where MRM counts a region.
 
 Randomness: every sample draws from its own generator seeded by ``(seed, rank, epoch, index)``.
 That makes masks reproducible, different across ranks (per-rank part files reuse indices) and
@@ -432,7 +432,7 @@ def _write_regions(
     sample's MRM labels and how many targets were written.
 
     Each sample's values are checked in the batch right after they are copied there, while they are
-    in the cache, so the record is read from memory once. Under the published rule
+    in the cache, so they are read from memory once. Under the published rule
     ``zero_rows_are_targets`` (see ``datasets/rules.py``) a region stored as zeros is labelled too.
     """
     labels, written = [], 0
