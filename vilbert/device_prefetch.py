@@ -14,7 +14,8 @@ from collections.abc import Iterable, Iterator
 import torch
 
 
-def _moved(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of ``batch`` on ``device`` (asynchronous from pinned memory)."""
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
@@ -24,7 +25,7 @@ def prefetch_to_device(
     """(host batch, device batch) pairs; on CUDA the next pair's copy is already running."""
     if device.type != "cuda":
         for batch in batches:
-            yield batch, _moved(batch, device)
+            yield batch, to_device(batch, device)
         return
     side = torch.cuda.Stream(device)
     upcoming = iter(batches)
@@ -34,7 +35,7 @@ def prefetch_to_device(
         if host is None:
             return None
         with torch.cuda.stream(side):
-            return host, _moved(host, device)
+            return host, to_device(host, device)
 
     ahead = start_copy()
     while ahead is not None:

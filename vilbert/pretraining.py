@@ -22,7 +22,7 @@ from vilbert.config import BertConfig
 from vilbert.data_checks import PretrainingData, require_pretraining_data
 from vilbert.datasets.concept_cap import ConceptCapDataset, pretraining_files
 from vilbert.datasets.loader import loader_workers, make_loader
-from vilbert.device_prefetch import prefetch_to_device
+from vilbert.device_prefetch import prefetch_to_device, to_device
 from vilbert.distributed import DistContext, all_reduce_sum
 from vilbert.engine import Optimization
 from vilbert.flops import batch_flops
@@ -202,10 +202,6 @@ def pretraining_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], w
     itm = out.itm * 0 if weights.without_coattention else out.itm
     total = weights.text * out.msm + weights.image * out.mrm + weights.itm * itm
     return total, {"loss": total, "msm": out.msm, "mrm": out.mrm, "itm": itm}
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def train_step(
