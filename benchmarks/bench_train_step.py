@@ -22,6 +22,10 @@ above what was resident before it: ``torch.cuda.max_memory_allocated`` on CUDA; 
 peak RSS (``VmHWM``, the counter behind ``ru_maxrss``, reset through ``/proc/self/clear_refs``) after
 ``malloc_trim``, so freed pages kept by the allocator are not counted as free.
 
+Operators per step of an eager side: the aten operators one more (untimed) step dispatches, counted
+by a dispatch mode, views apart. On a GPU each of the others launches at least one kernel, so the
+count is a floor on an eager step's launches, and it is the same on any device.
+
 ``--compare compile`` times the eager fast path ("plain") against what ``--compile`` trains
 ("fast": ``torch.compile``, the heads on every position so that the graph has static shapes).
 
@@ -50,6 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vilbert.config import BertConfig
 from vilbert.engine import Optimization
@@ -369,6 +374,34 @@ def profile_step(side: Side, device: torch.device, loss_fn: LossFn, rows: int = 
     print(prof.key_averages().table(sort_by=sort_by, row_limit=rows))
 
 
+class OperatorCount(TorchDispatchMode):
+    """Counts the aten operators a block dispatches, views (which run no kernel) apart. On a GPU each
+    other operator is at least one kernel launch, so the count bounds an eager step's launches from
+    below whatever the device it is counted on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels = 0
+        self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.is_view:
+            self.views += 1
+        else:
+            self.kernels += 1
+        return func(*args, **(kwargs or {}))
+
+
+def format_operators(side: Side, device: torch.device, loss_fn: LossFn) -> str:
+    """The operators of one more (untimed) step of ``side``; a compiled model runs its own kernels."""
+    if isinstance(side.model, torch._dynamo.eval_frame.OptimizedModule):
+        return "operators per step: not counted (compiled)"
+    with OperatorCount() as count:
+        train_step(side, side.batches[0], loss_fn)
+    synchronize(device)
+    return f"operators per step: {count.kernels} (+ {count.views} views)"
+
+
 def mean_shape(batches: list[dict[str, torch.Tensor]]) -> str:
     tokens = statistics.mean(b["input_ids"].shape[1] for b in batches)
     regions = statistics.mean(b["image_feat"].shape[1] for b in batches)
@@ -527,6 +560,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{format_throughput(side, config, median, peaks[side.name])}, "
             f"{format_memory(side, high_water[side.name])}"
         )
+    for side in sides:
+        print(f"{side.name}: {format_operators(side, device, loss_fn)}")
     if args.profile:
         for side in sides:
             profile_step(side, device, loss_fn)
