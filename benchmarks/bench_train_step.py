@@ -24,7 +24,8 @@ peak RSS (``VmHWM``, the counter behind ``ru_maxrss``, reset through ``/proc/sel
 
 Operators per step of an eager side: the aten operators one more (untimed) step dispatches, counted
 by a dispatch mode, views apart. On a GPU each of the others launches at least one kernel, so the
-count is a floor on an eager step's launches, and it is the same on any device.
+count is a floor on an eager step's launches, and nearly the same on any device (a few operators
+are device-specific, such as the attention kernel's).
 
 ``--compare compile`` times the eager fast path ("plain") against what ``--compile`` trains
 ("fast": ``torch.compile``, the heads on every position so that the graph has static shapes).
@@ -377,7 +378,7 @@ def profile_step(side: Side, device: torch.device, loss_fn: LossFn, rows: int = 
 class OperatorCount(TorchDispatchMode):
     """Counts the aten operators a block dispatches, views (which run no kernel) apart. On a GPU each
     other operator is at least one kernel launch, so the count bounds an eager step's launches from
-    below whatever the device it is counted on."""
+    below, on whichever device it is counted."""
 
     def __init__(self) -> None:
         super().__init__()
